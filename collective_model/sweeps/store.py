@@ -339,8 +339,8 @@ class Store:
                 raise StoreError(f"sweep {sweep_id} not found in the store {self.path}")
             sweep = sweeps[0]
             project_runs = _select_runs(conn, sweep["project"], None)
-            claim_ = suggest(sweep, project_runs)
-            if claim_ is None:
+            suggestion = suggest(sweep, project_runs)
+            if suggestion is None:
                 return None
             run_id = _unused_run_id(conn)
             row = {
@@ -348,14 +348,14 @@ class Store:
                 "project": sweep["project"],
                 "sweep_id": sweep_id,
                 "state": "running",
-                "config": json.dumps(claim_.config),
-                "config_key": claim_.config_key,
+                "config": json.dumps(suggestion.config),
+                "config_key": suggestion.config_key,
                 "summary": "{}",
                 "run_dir": str(runs_dir / run_id),
                 "created_at": now_iso(),
-                "informed_by_own": claim_.informed_by_own,
-                "informed_by_other": claim_.informed_by_other,
-                "search_info": json.dumps(claim_.search_info, default=_json_default) if claim_.search_info else None,
+                "informed_by_own": suggestion.informed_by_own,
+                "informed_by_other": suggestion.informed_by_other,
+                "search_info": json.dumps(suggestion.search_info, default=_json_default) if suggestion.search_info else None,
                 "agent_host": host,
                 "agent_pid": pid,
             }
@@ -434,8 +434,8 @@ class Store:
 def record_standalone_run(store_path: str | os.PathLike, summary: Mapping[str, Any]) -> None:
     """Record a `collective train` run that no agent started, from its summary.json content.
 
-    The store is created when missing. A locked store is retried without a deadline, logging
-    each retry, so a finished run is never lost to a busy database; a damaged store raises
+    The store is created when missing. A locked store is retried without a deadline and each
+    retry is logged, so a finished run is not lost to a busy database. A damaged store raises
     StoreError.
     """
     with Store(store_path, retry_deadline_s=None) as store:

@@ -1,0 +1,273 @@
+"""The Collective Model: experts -> expert encoder -> analysts -> analyst encoder -> head.
+
+Members with the same hidden widths are stored as one stacked group and run together, so a
+group of G members costs a few large matrix multiplies instead of G small ones. The result is
+the same function as calling each member on its own: every member still has its own Linear,
+BatchNorm1d and Dropout weights, and BatchNorm over the concatenated features of a group is
+BatchNorm per member because statistics are per feature. ``reference.py`` holds the plain
+member-by-member model that the tests compare against.
+
+Shapes: B = batch size, G = members in a group, n = members in an expert or analyst group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import derive_dimensions, member_variant
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+class ModelOutput(NamedTuple):
+    """Logits and the unweighted diversity losses of one forward pass."""
+
+    logits: torch.Tensor  # [B, classes]
+    diversity_expert: torch.Tensor  # scalar; 0 when the loss is disabled
+    diversity_analyst: torch.Tensor
+
+
+def _kaiming_normal_(weight: torch.Tensor, fan_in: int) -> None:
+    # Kaiming-normal for ReLU with fan-in mode: std = sqrt(2 / fan_in).
+    with torch.no_grad():
+        weight.normal_(0.0, math.sqrt(2.0 / fan_in))
+
+
+class MemberGroup(nn.Module):
+    """G member MLPs with identical widths that all read the same input.
+
+    Member g is: for each hidden width h, Linear -> BatchNorm1d -> ReLU, with Dropout after
+    every hidden layer except the last; then Linear to ``out_dim``.
+
+    Storage: the first layer's weight is [in, G, h0] so that one GEMM of the shared input
+    against its [in, G*h0] view computes every member at once; later weights are [G, in, out]
+    and run as one batched matmul. BatchNorm parameters are [G, h].
+    """
+
+    def __init__(self, count: int, in_dim: int, hidden: list[int], out_dim: int, dropout: float):
+        super().__init__()
+        self.count, self.in_dim, self.hidden, self.out_dim, self.dropout = count, in_dim, list(hidden), out_dim, dropout
+        widths = [in_dim, *hidden, out_dim]
+
+        self.first_weight = nn.Parameter(torch.empty(in_dim, count, widths[1]))
+        self.first_bias = nn.Parameter(torch.zeros(count, widths[1]))
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(count, widths[i], widths[i + 1])) for i in range(1, len(widths) - 1)
+        )
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.zeros(count, widths[i + 1])) for i in range(1, len(widths) - 1)
+        )
+        self.bn_weights = nn.ParameterList(nn.Parameter(torch.ones(count, h)) for h in hidden)
+        self.bn_biases = nn.ParameterList(nn.Parameter(torch.zeros(count, h)) for h in hidden)
+        for i, h in enumerate(hidden):
+            self.register_buffer(f"bn_mean_{i}", torch.zeros(count * h))
+            self.register_buffer(f"bn_var_{i}", torch.ones(count * h))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _kaiming_normal_(self.first_weight, self.in_dim)
+        fan_ins = [*self.hidden]
+        for weight, fan_in in zip(self.weights, fan_ins):
+            _kaiming_normal_(weight, fan_in)
+
+    def _batch_norm(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        # h: [B, G*width]; one feature per member and unit, so statistics stay per member.
+        return F.batch_norm(
+            h,
+            getattr(self, f"bn_mean_{layer}"),
+            getattr(self, f"bn_var_{layer}"),
+            self.bn_weights[layer].reshape(-1),
+            self.bn_biases[layer].reshape(-1),
+            self.training,
+            BN_MOMENTUM,
+            BN_EPS,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map x [B, in] to the members' outputs [G, B, out]."""
+        batch = x.shape[0]
+        count = self.count
+        last_hidden = len(self.hidden) - 1
+
+        # Hidden layer 0 for all members in one GEMM: [B, in] @ [in, G*h0] -> [B, G*h0].
+        h = torch.addmm(self.first_bias.reshape(-1), x, self.first_weight.reshape(self.in_dim, -1))
+        for layer in range(len(self.hidden)):
+            if layer > 0:
+                # [G, B, h_prev] @ [G, h_prev, h] -> [G, B, h], then back to [B, G*h] for BatchNorm.
+                h = torch.baddbmm(self.biases[layer - 1].unsqueeze(1), h, self.weights[layer - 1])
+                h = h.transpose(0, 1).reshape(batch, -1)
+            h = F.relu(self._batch_norm(h, layer))
+            if layer < last_hidden and self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+            h = h.reshape(batch, count, -1).transpose(0, 1)  # [G, B, h]
+
+        # Output layer: [G, B, h_last] @ [G, h_last, out] -> [G, B, out].
+        return torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
+
+
+class MemberEnsemble(nn.Module):
+    """All experts (or all analysts): members grouped by architecture, outputs in member order."""
+
+    def __init__(self, count: int, in_dim: int, base_hidden: list[int], out_dim: int, dropout: float, vary: bool):
+        super().__init__()
+        self.count = count
+        widths_per_member = [member_variant(base_hidden, i, vary) for i in range(count)]
+        # Group members with equal widths, keeping the first appearance order.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, widths in enumerate(widths_per_member):
+            groups.setdefault(tuple(widths), []).append(index)
+        self.member_widths = widths_per_member
+        self.group_members = [members for members in groups.values()]
+        self.groups = nn.ModuleList(
+            MemberGroup(len(members), in_dim, list(widths), out_dim, dropout) for widths, members in groups.items()
+        )
+        order = [index for members in self.group_members for index in members]
+        # Position of member i in the concatenation of the groups' outputs.
+        inverse = [0] * count
+        for position, index in enumerate(order):
+            inverse[index] = position
+        self.needs_reorder = order != list(range(count))
+        self.register_buffer("reorder", torch.tensor(inverse, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map x [B, in] to every member's output [n, B, out], member i at index i."""
+        outputs = [group(x) for group in self.groups]
+        stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        if self.needs_reorder:
+            stacked = stacked.index_select(0, self.reorder)
+        return stacked
+
+
+class Encoder(nn.Sequential):
+    """Linear -> BatchNorm1d -> ReLU -> Dropout."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim, eps=BN_EPS, momentum=BN_MOMENTUM), nn.ReLU(), nn.Dropout(dropout))
+
+
+class HeadMLP(nn.Sequential):
+    """Linear(in -> hidden) -> ReLU -> Dropout -> Linear(hidden -> classes)."""
+
+    def __init__(self, in_dim: int, hidden: int, classes: int, dropout: float):
+        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+
+
+def diversity_loss(outputs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over member pairs of |batch-mean cosine similarity| / temperature.
+
+    outputs: [n, B, d] with n >= 2. Returns a scalar.
+
+    >>> a = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]])  # 3 members, B = 1
+    >>> round(diversity_loss(a, 1.0).item(), 6)  # pairs: 0, 1/sqrt2, 1/sqrt2
+    0.471405
+    """
+    count = outputs.shape[0]
+    unit = F.normalize(outputs, dim=-1, eps=1e-8)
+    # similarity[i, j] = mean over the batch of cos(member i, member j).
+    similarity = torch.einsum("ibd,jbd->ij", unit, unit) / outputs.shape[1]
+    rows, cols = torch.triu_indices(count, count, offset=1, device=outputs.device)
+    return similarity[rows, cols].abs().mean() / temperature
+
+
+def drop_members(outputs: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero whole members with probability ``rate`` and scale the kept ones by n / kept.
+
+    At least one member is kept. outputs: [n, B, d]. Returns a tensor of the same shape.
+    """
+    count = outputs.shape[0]
+    keep = torch.rand(count, generator=generator, device="cpu") >= rate
+    if not keep.any():
+        keep[torch.randint(count, (1,), generator=generator, device="cpu")] = True
+    scale = keep.to(outputs.dtype) * (count / keep.sum().item())
+    return outputs * scale.to(outputs.device).view(count, 1, 1)
+
+
+def _concat_members(outputs: torch.Tensor) -> torch.Tensor:
+    # [n, B, d] -> [B, n*d] with member 0's features first.
+    return outputs.transpose(0, 1).reshape(outputs.shape[1], -1)
+
+
+class CollectiveModel(nn.Module):
+    """The Collective Model built from a validated config (see config.derive_dimensions)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        self.config = dict(config)
+        dims = derive_dimensions(config)
+        self.dims = dims
+        classes = dims["num_classes"]
+
+        self.experts = MemberEnsemble(
+            dims["n_experts"], dims["input_dim"], config["expert_hidden"], config["expert_output"],
+            config["member_dropout"], config["vary_expert_architectures"],
+        )
+        self.expert_encoder = Encoder(dims["n_experts"] * config["expert_output"], dims["expert_encoder_dim"], config["encoder_dropout"])
+        self.analysts = MemberEnsemble(
+            dims["n_analysts"], dims["analyst_input_dim"], config["analyst_hidden"], config["analyst_output"],
+            config["member_dropout"], config["vary_analyst_architectures"],
+        )
+        self.analyst_encoder = Encoder(dims["n_analysts"] * config["analyst_output"], dims["collective_input_dim"], config["encoder_dropout"])
+        if config["collective_version"] == "encoder_head":
+            self.head_encoder = Encoder(dims["collective_input_dim"], dims["head_input_dim"], config["encoder_dropout"])
+        else:
+            self.head_encoder = nn.Identity()
+        self.head = HeadMLP(dims["head_input_dim"], dims["head_hidden_dim"], classes, config["head_dropout"])
+
+        self.use_expert_diversity = config["use_expert_diversity"]
+        self.use_analyst_diversity = config["use_analyst_diversity"] and dims["n_analysts"] >= 2
+        self.temperature = config["diversity_temperature"]
+        self.use_drop_models = config["use_drop_models"]
+        self.expert_drop_rate = config["drop_models_expert_rate"]
+        self.analyst_drop_rate = config["drop_models_analyst_rate"]
+        self.drop_generator: torch.Generator | None = None
+        self._init_dense_layers()
+
+    def _init_dense_layers(self) -> None:
+        for module in (self.expert_encoder, self.analyst_encoder, self.head_encoder, self.head):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+                    nn.init.zeros_(layer.bias)
+
+    def num_parameters(self) -> int:
+        """Return the number of trainable parameters (``model_params``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward_with_losses(self, x: torch.Tensor) -> ModelOutput:
+        """Run x [B, input_dim] through all stages; also return the diversity losses."""
+        zero = x.new_zeros(())
+
+        # 1. Experts and their diversity (measured before model-level dropout).
+        expert_out = self.experts(x)  # [n_experts, B, expert_output]
+        div_expert = diversity_loss(expert_out, self.temperature) if self.use_expert_diversity else zero
+        if self.training and self.use_drop_models:
+            expert_out = drop_members(expert_out, self.expert_drop_rate, self.drop_generator)
+
+        # 2. Expert encoder; the raw input skips past the experts to the analysts.
+        encoded = self.expert_encoder(_concat_members(expert_out))
+        analyst_in = torch.cat([x, encoded], dim=1)
+
+        # 3. Analysts.
+        analyst_out = self.analysts(analyst_in)  # [n_analysts, B, analyst_output]
+        div_analyst = diversity_loss(analyst_out, self.temperature) if self.use_analyst_diversity else zero
+        if self.training and self.use_drop_models:
+            analyst_out = drop_members(analyst_out, self.analyst_drop_rate, self.drop_generator)
+
+        # 4. Analyst encoder and collective head.
+        collective = self.analyst_encoder(_concat_members(analyst_out))
+        logits = self.head(self.head_encoder(collective))
+        return ModelOutput(logits, div_expert, div_analyst)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_losses(x).logits
+
+
+def build_model(config: Mapping[str, Any]) -> CollectiveModel:
+    """Build the model of a validated config."""
+    return CollectiveModel(config)

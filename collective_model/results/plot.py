@@ -1,0 +1,151 @@
+"""The results figure: accuracy against parameters with the frontier, and efficiency against accuracy.
+
+It uses matplotlib's object API with the Agg canvas, never pyplot, so it works without a display
+and leaves pyplot's global state alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .analysis import STANDALONE, Analysis
+from .frontier import format_params
+from .sources import ResultRun
+
+STANDALONE_COLOR = "0.6"  # grey
+FRONTIER_COLOR = "black"
+
+
+def sweep_colors(analysis: Analysis) -> dict[str, str]:
+    """Return a colour per sweep label from matplotlib's tab10 cycle, skipping its grey."""
+    from matplotlib import colormaps
+
+    palette = [colormaps["tab10"](i) for i in range(10) if i != 7]
+    colors = {}
+    for index, sweep in enumerate(analysis.sweeps):
+        colors[analysis.sweep_labels[sweep.sweep_id]] = palette[index % len(palette)]
+    colors[STANDALONE] = STANDALONE_COLOR
+    return colors
+
+
+def write_plot(analysis: Analysis, path: str | Path) -> Path:
+    """Draw the two panels and save them to ``path`` (the format follows its suffix)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(14, 6), layout="constrained")
+    FigureCanvasAgg(figure)
+    size_axes, efficiency_axes = figure.subplots(1, 2)
+    colors = sweep_colors(analysis)
+
+    _draw_size_panel(size_axes, analysis, colors)
+    _draw_efficiency_panel(efficiency_axes, analysis, colors)
+
+    excluded = sum(analysis.excluded.values())
+    figure.suptitle(
+        f"{analysis.project}: {len(analysis.runs)} runs analysed of {analysis.runs_total} "
+        f"({excluded} excluded), {len(analysis.sweeps)} sweeps, {len(analysis.frontier)} on the frontier"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _scatter_by_sweep(axes, analysis: Analysis, colors: dict, x_of, y_of) -> None:
+    groups: dict[str, list[ResultRun]] = {}
+    for run in analysis.runs:
+        groups.setdefault(analysis.sweep_label(run), []).append(run)
+    # Sweeps first in their creation order, standalone runs last.
+    for label in sorted(groups, key=lambda name: (name == STANDALONE, list(colors).index(name) if name in colors else 0)):
+        runs = groups[label]
+        axes.scatter(
+            [x_of(r) for r in runs],
+            [y_of(r) for r in runs],
+            s=28,
+            color=colors.get(label, STANDALONE_COLOR),
+            alpha=0.8,
+            label=f"{label} ({len(runs)})",
+            zorder=2,
+        )
+
+
+def _draw_size_panel(axes, analysis: Analysis, colors: dict) -> None:
+    _scatter_by_sweep(axes, analysis, colors, lambda r: r.model_params, lambda r: r.test_accuracy)
+
+    # The frontier as a step line: the best accuracy reachable with at most x parameters.
+    if analysis.frontier:
+        xs = [run.model_params for run in analysis.frontier]
+        ys = [run.test_accuracy for run in analysis.frontier]
+        axes.step(xs, ys, where="post", color=FRONTIER_COLOR, linewidth=1.4, label="Pareto frontier", zorder=3)
+        axes.scatter(xs, ys, s=70, facecolors="none", edgecolors=FRONTIER_COLOR, linewidths=1.2, zorder=4)
+
+    if analysis.max_params is not None:
+        axes.axvline(analysis.max_params, color="tab:red", linestyle="--", linewidth=1, label=f"max params {format_params(analysis.max_params)}")
+    if analysis.min_accuracy is not None:
+        axes.axhline(analysis.min_accuracy, color="tab:red", linestyle=":", linewidth=1, label=f"min accuracy {analysis.min_accuracy:g} %")
+
+    _annotate(axes, analysis, lambda r: r.model_params, lambda r: r.test_accuracy)
+    axes.set_xscale("log")
+    axes.set_xlabel("model_params (trainable parameters, log scale)")
+    axes.set_ylabel("final/test_accuracy (%)")
+    axes.set_title("Test accuracy against model size")
+    axes.grid(True, which="both", alpha=0.3)
+    if analysis.runs:
+        axes.legend(loc="lower right", fontsize="small")
+
+
+def _draw_efficiency_panel(axes, analysis: Analysis, colors: dict) -> None:
+    _scatter_by_sweep(axes, analysis, colors, lambda r: r.test_accuracy, lambda r: r.efficiency)
+    if analysis.frontier:
+        axes.scatter(
+            [r.test_accuracy for r in analysis.frontier],
+            [r.efficiency for r in analysis.frontier],
+            s=70,
+            facecolors="none",
+            edgecolors=FRONTIER_COLOR,
+            linewidths=1.2,
+            label="on the frontier",
+            zorder=4,
+        )
+    _annotate(axes, analysis, lambda r: r.test_accuracy, lambda r: r.efficiency)
+    # Efficiency spans orders of magnitude when model sizes do, so a log axis keeps points apart.
+    axes.set_yscale("log")
+    axes.set_xlabel("final/test_accuracy (%)")
+    axes.set_ylabel("test accuracy per 100K parameters (log scale)")
+    axes.set_title("Parameter efficiency against test accuracy")
+    axes.grid(True, which="both", alpha=0.3)
+    if analysis.runs:
+        axes.legend(loc="upper left", fontsize="small")
+
+
+def _annotate(axes, analysis: Analysis, x_of, y_of) -> None:
+    """Label each sweep's best run and the constrained choice, stacking labels of one run."""
+    labels: dict[int, list[str]] = {}
+    runs: dict[int, ResultRun] = {}
+    for winner in analysis.winners:
+        if winner.run is not None:
+            name = analysis.sweep_labels.get(winner.sweep.sweep_id, winner.sweep.name)
+            labels.setdefault(id(winner.run), []).append(f"best {name}")
+            runs[id(winner.run)] = winner.run
+    if analysis.choice is not None:
+        labels.setdefault(id(analysis.choice), []).append("choice")
+        runs[id(analysis.choice)] = analysis.choice
+
+    for offset_index, (key, texts) in enumerate(labels.items()):
+        run = runs[key]
+        text = " / ".join(texts) + f"\n{run.run_id}: {run.test_accuracy:.2f} %, {format_params(run.model_params)}"
+        is_choice = "choice" in texts
+        # Alternate label offsets so that labels of nearby points do not sit on each other.
+        dy = 28 if offset_index % 2 == 0 else -36
+        axes.annotate(
+            text,
+            xy=(x_of(run), y_of(run)),
+            xytext=(12, dy),
+            textcoords="offset points",
+            fontsize="small",
+            color="tab:red" if is_choice else "black",
+            arrowprops={"arrowstyle": "->", "color": "tab:red" if is_choice else "0.3", "linewidth": 0.8},
+            bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
+            zorder=5,
+        )

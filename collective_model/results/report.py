@@ -200,14 +200,14 @@ def _winners_section(analysis: Analysis) -> str:
                 label,
                 winner.sweep.sweep_id,
                 metric,
-                f"{winner.value:.4g}",
+                _metric_text(winner.value),
                 run.run_id,
                 f"{run.test_accuracy:.2f}",
                 f"{run.model_params:,}",
                 f"{run.efficiency:.2f}",
             )
         )
-    lines = ["Best run of each sweep", *_align([header, *rows])]
+    lines = ["Best run of each sweep", *_align([header, *rows], right=(3, 5, 6, 7))]
     lines.extend(notes)
     for tradeoff in analysis.tradeoffs:
         other = analysis.sweep_labels.get(tradeoff.other.sweep.sweep_id, tradeoff.other.sweep.name)
@@ -217,6 +217,11 @@ def _winners_section(analysis: Analysis) -> str:
             f"({tradeoff.reference.run.run_id}): {tradeoff.text}."
         )
     return "\n".join(lines)
+
+
+def _metric_text(value: float) -> str:
+    """Return a metric value with two decimals, or four significant digits below 1 (losses)."""
+    return f"{value:,.2f}" if abs(value) >= 1 else f"{value:.4g}"
 
 
 def _frontier_section(analysis: Analysis) -> str:
@@ -237,13 +242,15 @@ def _frontier_section(analysis: Analysis) -> str:
     count = len(analysis.frontier)
     lines = [
         f"Pareto frontier of test accuracy against parameters: {count} run{'s' if count != 1 else ''}, smallest first",
-        *_align([header, *rows]),
+        *_align([header, *rows], right=(0, 3, 4, 5)),
     ]
     if analysis.frontier_keys:
         lines.append("Hyperparameters that change along the frontier:")
-        for rank, run in enumerate(analysis.frontier, start=1):
-            settings = "  ".join(f"{key}={_config_text(run.config.get(key))}" for key in analysis.frontier_keys)
-            lines.append(f"  #{rank}  {settings}")
+        settings = [
+            (f"#{rank}", *(f"{key}={_config_text(run.config.get(key))}" for key in analysis.frontier_keys))
+            for rank, run in enumerate(analysis.frontier, start=1)
+        ]
+        lines.extend(_align(settings, right=(0,)))
     elif count > 1:
         lines.append("The frontier runs share every hyperparameter.")
     return "\n".join(lines)
@@ -313,7 +320,14 @@ def none_qualifies_message(analysis: Analysis) -> str:
     return f"{prefix}: the most accurate run with at most {analysis.max_params:,} parameters reaches {best:.2f} %."
 
 
-def _align(rows: list[tuple[str, ...]]) -> list[str]:
-    """Return rows as lines with left-aligned columns, two spaces apart, indented by two."""
+def _align(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    """Return rows as lines of columns two spaces apart, indented by two.
+
+    Columns whose index is in ``right`` (numbers) are right-aligned, the others left-aligned.
+    """
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(width) if i in right else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines

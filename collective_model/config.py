@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -329,11 +330,27 @@ def member_variant(base: list[int], index: int, vary: bool) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 and 5E+4 as floats (YAML 1.1 requires a dot)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text_or_stream):
+    """Parse YAML like yaml.safe_load, with scientific notation such as 1e-3 read as a float."""
+    return yaml.load(text_or_stream, Loader=_YamlLoader)
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a flat YAML mapping of config keys; raise ConfigError on a bad file."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = parse_yaml(handle)
     except FileNotFoundError:
         raise ConfigError([f"config file not found: {path}"]) from None
     except yaml.YAMLError as error:
@@ -359,7 +376,7 @@ def parse_set_options(items: Iterable[str]) -> dict[str, Any]:
             problems.append(f"--set {item!r}: expected key=value, for example --set learning_rate=0.01")
             continue
         try:
-            overrides[name] = yaml.safe_load(text) if text.strip() else None
+            overrides[name] = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as error:
             problems.append(f"--set {item!r}: value is not valid YAML ({error})")
     if problems:
@@ -371,7 +388,7 @@ def load_sweep_params(path: str | os.PathLike) -> dict[str, Any]:
     """Read a W&B params file (``key: {value: v}``, the format ``wandb agent`` writes)."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = parse_yaml(handle) or {}
     except OSError as error:
         raise ConfigError([f"sweep params file {path} (WANDB_SWEEP_PARAM_PATH) cannot be read: {error}"]) from None
     except yaml.YAMLError as error:

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import jsonschema
 import yaml
 
 from .. import config as config_lib
@@ -166,23 +167,32 @@ def _schema_problems(config: Mapping[str, Any]) -> list[str]:
         from sweeps import schema_violations_from_proposed_config
         from sweeps.config.schema import sweep_config_jsonschema, validator
 
+    # The package raises, instead of listing, on a parameter that is not a mapping, so those
+    # are reported here and left out of its check.
+    problems = []
+    config = dict(config)
+    parameters = config.get("parameters")
+    if isinstance(parameters, dict):
+        for name, spec in parameters.items():
+            if not isinstance(spec, dict):
+                problems.append(f"parameters.{name}: expected a mapping such as {{value: {spec!r}}} or {{values: [...]}}, got {spec!r}")
+        config["parameters"] = {name: spec for name, spec in parameters.items() if isinstance(spec, dict)}
     try:
-        messages = list(schema_violations_from_proposed_config(dict(config)))
+        messages = list(schema_violations_from_proposed_config(config))
     except ValueError as error:
-        # Raised, not listed, for a parameter that is not a mapping.
-        return [str(error)]
+        return problems + [str(error)]
 
     explained: dict[str, str] = {}
     located: dict[str, str] = {}
-    for error in validator.iter_errors(dict(config)):
+    for error in validator.iter_errors(config):
         path = [str(p) for p in error.path]
         if len(path) == 2 and path[0] == "parameters" and isinstance(error.instance, dict):
-            explained[error.message] = _explain_parameter(path[1], error.instance, sweep_config_jsonschema)
+            detail = jsonschema.exceptions.best_match(error.context).message if error.context else error.message
+            explained[error.message] = _explain_parameter(path[1], error.instance, sweep_config_jsonschema, detail)
             explained[f"invalid hyperparameter configuration: {path[1]}"] = ""
         elif path:
             located[error.message] = ".".join(path)
 
-    problems = []
     for message in messages:
         if message in explained:
             if explained[message]:
@@ -194,8 +204,10 @@ def _schema_problems(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _explain_parameter(name: str, spec: Mapping[str, Any], schema: Mapping[str, Any]) -> str:
+def _explain_parameter(name: str, spec: Mapping[str, Any], schema: Mapping[str, Any], detail: str) -> str:
     """Return why a parameter matches no parameter shape of the W&B schema: missing or unknown fields."""
+    if "values" in spec and not (isinstance(spec["values"], list) and spec["values"]):
+        return f"parameters.{name}: values must be a non-empty list, got {spec['values']!r}"
     distribution = spec.get("distribution")
     shapes = []
     for reference in schema["definitions"]["parameter"]["anyOf"]:
@@ -207,6 +219,8 @@ def _explain_parameter(name: str, spec: Mapping[str, Any], schema: Mapping[str, 
         properties = definition.get("properties", {})
         if distribution is not None and distribution not in properties.get("distribution", {}).get("enum", []):
             continue
+        if distribution is None and "distribution" in definition.get("required", []):
+            continue
         missing = [field for field in definition.get("required", []) if field not in spec]
         unknown = [field for field in spec if field not in properties]
         if best is None or len(missing) + len(unknown) < best[0]:
@@ -215,7 +229,7 @@ def _explain_parameter(name: str, spec: Mapping[str, Any], schema: Mapping[str, 
     if distribution is not None and best is None:
         return f"parameters.{name}: unknown distribution {distribution!r}; see W&B's sweep configuration reference for the list"
     if best is None or best[0] == 0:
-        return f"parameters.{name}: {dict(spec)!r} is not a valid parameter"
+        return f"parameters.{name}: {detail}, got {dict(spec)!r}"
     parts = []
     if best[1]:
         parts.append("missing " + ", ".join(best[1]))

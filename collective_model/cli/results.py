@@ -69,9 +69,8 @@ def _load_run_set(backend: str, project: str | None, entity: str | None, store_p
     from .. import paths
     from ..results import sources
 
-    chosen = sources.resolve_backend(backend)
+    chosen, why = sources.resolve_backend(backend)
     if backend == "auto":
-        why = "W&B credentials found" if chosen == "wandb" else "no W&B credentials, or WANDB_MODE is offline"
         click.echo(f"backend: {chosen} ({why}; choose with --backend)", err=True)
     project = paths.resolve_project(project)
     if chosen == "wandb":

@@ -15,7 +15,7 @@ from .sources import ResultRun
 
 # Files copied from the run folder; the checkpoint and the config are required.
 REQUIRED_FILES = ("checkpoint.pt", "config.yaml")
-OPTIONAL_FILES = ("summary.json",)
+OPTIONAL_FILES = ("checkpoint_last.pt", "summary.json", "metrics.jsonl")
 
 
 class ExportUsageError(CollectiveError):
@@ -57,7 +57,10 @@ def export_run(run: ResultRun, destination: str | Path) -> list[Path]:
     if not run.run_dir:
         raise CollectiveError(f"run {run.run_id} has no run folder in its record, so there is no checkpoint to export")
     run_dir = Path(run.run_dir)
-    missing = [name for name in REQUIRED_FILES if not (run_dir / name).is_file()]
+    required = list(REQUIRED_FILES)
+    if run.checkpoint_path is not None and run.checkpoint_path.name not in required:
+        required.append(run.checkpoint_path.name)
+    missing = [name for name in required if not (run_dir / name).is_file()]
     if missing:
         raise CollectiveError(
             f"run {run.run_id}: {', '.join(missing)} not found in its run folder {run_dir}; "
@@ -88,6 +91,7 @@ def readme_text(run: ResultRun, copied: list[str]) -> str:
     input_dim = derived.get("input_dim", "input_dim")
     num_classes = derived.get("num_classes", "num_classes")
     sweep = f"sweep {run.sweep_name} ({run.sweep_id})" if run.sweep_id else "a standalone run (no sweep)"
+    uses_last = run.checkpoint_path is not None and run.checkpoint_path.name == "checkpoint_last.pt"
 
     lines = [
         f"# Collective Model, run {run.run_id}",
@@ -96,37 +100,60 @@ def readme_text(run: ResultRun, copied: list[str]) -> str:
         "",
     ]
     if run.test_accuracy is not None and run.model_params is not None:
+        weights = "the last epoch's weights (`checkpoint_last.pt`)" if uses_last else "`checkpoint.pt`"
         lines += [
+            f"Final metrics, measured on {weights}:",
+            "",
             f"- final/test_accuracy: {run.test_accuracy:.2f} %",
             f"- model_params: {run.model_params:,} ({format_params(run.model_params)})",
             f"- test accuracy per 100K parameters: {run.efficiency:.2f}",
             "",
         ]
+    descriptions = {
+        "checkpoint.pt": "the weights with the best validation accuracy, with the config that rebuilds them",
+        "checkpoint_last.pt": "the weights after the last epoch (written for `final_model: last`)",
+        "config.yaml": "the resolved config the model was built from, with its derived dimensions",
+        "summary.json": "the run's final metrics and state",
+        "metrics.jsonl": "one line of metrics per epoch",
+    }
+    lines += ["Files:", ""]
+    lines += [f"- `{name}`: {descriptions[name]}" for name in copied]
+    load_target = '"checkpoint_last.pt"' if uses_last else '"."'
     lines += [
-        "Files:",
         "",
-        "- `checkpoint.pt`: the trained weights (the best-validation checkpoint unless the config says `final_model: last`)",
-        "- `config.yaml`: the resolved config the model was built from, with its derived dimensions",
-    ]
-    if "summary.json" in copied:
-        lines.append("- `summary.json`: the run's final metrics and state")
-    lines += [
-        "",
-        "Load it with the `collective-model` package installed (`load_model` reads `config.yaml` and",
-        "`checkpoint.pt` from this folder and returns the model in eval mode):",
+        "Load it with the `collective-model` package installed; `load_model` takes this folder",
+        "(it reads `checkpoint.pt`) or a checkpoint file, and returns the model in eval mode:",
         "",
         "```python",
         "import collective_model",
         "",
-        'model = collective_model.load_model(".")  # the path of this folder',
-        f"logits = model(x)  # x: float tensor of shape (batch, {input_dim}), flattened images",
+        f"model = collective_model.load_model({load_target})  # relative to this folder",
+        f"logits = model(x)  # x: float tensor of shape (batch, {input_dim})",
         f"predictions = logits.argmax(dim=1)  # class indices 0 to {_last_class(num_classes)}",
         "```",
         "",
-        "Preprocess inputs the way `collective train` did for the dataset named in `config.yaml`.",
+        _input_text(config.get("dataset")),
         "",
     ]
     return "\n".join(lines)
+
+
+def _input_text(dataset: str | None) -> str:
+    """Describe the input preprocessing `collective train` applied for this dataset."""
+    generic = "Each row of x is an image flattened to channels x height x width, preprocessed as `collective train` does for the dataset in `config.yaml`."
+    try:
+        from ..data import SPECS
+    except ImportError:
+        return generic
+    spec = SPECS.get(dataset) if dataset else None
+    if spec is None:
+        return generic
+    channels, height, width = spec.image_shape
+    return (
+        f"Each row of x is one {dataset} image of {channels} x {height} x {width} pixels, flattened in that "
+        f"order, with pixel values scaled to [0, 1] and then normalised per channel as (value - mean) / std "
+        f"with mean {list(spec.mean)} and std {list(spec.std)}, as `collective train` does."
+    )
 
 
 def _last_class(num_classes) -> str:

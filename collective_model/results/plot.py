@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
 from .analysis import STANDALONE, Analysis
 from .frontier import format_params
 from .sources import ResultRun
@@ -66,7 +68,7 @@ def _scatter_by_sweep(axes, analysis: Analysis, colors: dict, x_of, y_of) -> Non
             color=colors.get(label, STANDALONE_COLOR),
             alpha=0.8,
             label=f"{label} ({len(runs)})",
-            zorder=2,
+            zorder=3,
         )
 
 
@@ -77,7 +79,7 @@ def _draw_size_panel(axes, analysis: Analysis, colors: dict) -> None:
     if analysis.frontier:
         xs = [run.model_params for run in analysis.frontier]
         ys = [run.test_accuracy for run in analysis.frontier]
-        axes.step(xs, ys, where="post", color=FRONTIER_COLOR, linewidth=1.4, label="Pareto frontier", zorder=3)
+        axes.step(xs, ys, where="post", color=FRONTIER_COLOR, linewidth=1.4, label="Pareto frontier", zorder=2)
         axes.scatter(xs, ys, s=70, facecolors="none", edgecolors=FRONTIER_COLOR, linewidths=1.2, zorder=4)
 
     if analysis.max_params is not None:
@@ -85,8 +87,12 @@ def _draw_size_panel(axes, analysis: Analysis, colors: dict) -> None:
     if analysis.min_accuracy is not None:
         axes.axhline(analysis.min_accuracy, color="tab:red", linestyle=":", linewidth=1, label=f"min accuracy {analysis.min_accuracy:g} %")
 
-    _annotate(axes, analysis, lambda r: r.model_params, lambda r: r.test_accuracy)
     axes.set_xscale("log")
+    # Ticks at 1, 2 and 5 of each decade, labelled as 200K or 1.5M instead of powers of ten.
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_params(int(round(value)))))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    _annotate(axes, analysis, lambda r: r.model_params, lambda r: r.test_accuracy, direction=(-1, 1))
     axes.set_xlabel("model_params (trainable parameters, log scale)")
     axes.set_ylabel("final/test_accuracy (%)")
     axes.set_title("Test accuracy against model size")
@@ -108,9 +114,10 @@ def _draw_efficiency_panel(axes, analysis: Analysis, colors: dict) -> None:
             label="on the frontier",
             zorder=4,
         )
-    _annotate(axes, analysis, lambda r: r.test_accuracy, lambda r: r.efficiency)
     # Efficiency spans orders of magnitude when model sizes do, so a log axis keeps points apart.
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    _annotate(axes, analysis, lambda r: r.test_accuracy, lambda r: r.efficiency, direction=(1, 1))
     axes.set_xlabel("final/test_accuracy (%)")
     axes.set_ylabel("test accuracy per 100K parameters (log scale)")
     axes.set_title("Parameter efficiency against test accuracy")
@@ -119,8 +126,13 @@ def _draw_efficiency_panel(axes, analysis: Analysis, colors: dict) -> None:
         axes.legend(loc="upper left", fontsize="small")
 
 
-def _annotate(axes, analysis: Analysis, x_of, y_of) -> None:
-    """Label each sweep's best run and the constrained choice, stacking labels of one run."""
+def _annotate(axes, analysis: Analysis, x_of, y_of, direction: tuple[int, int]) -> None:
+    """Label each sweep's best run and the constrained choice, with one label per run.
+
+    ``direction`` (x and y sign) points to the side of the frontier where no run can be, because
+    any run there would dominate a frontier run. A label near an edge of the axes points inwards
+    instead, and each further label moves a little further out, so labels overlap less.
+    """
     labels: dict[int, list[str]] = {}
     runs: dict[int, ResultRun] = {}
     for winner in analysis.winners:
@@ -132,20 +144,32 @@ def _annotate(axes, analysis: Analysis, x_of, y_of) -> None:
         labels.setdefault(id(analysis.choice), []).append("choice")
         runs[id(analysis.choice)] = analysis.choice
 
-    for offset_index, (key, texts) in enumerate(labels.items()):
+    axes.autoscale_view()
+    data_to_axes = axes.transData + axes.transAxes.inverted()
+    for index, (key, texts) in enumerate(labels.items()):
         run = runs[key]
-        text = " / ".join(texts) + f"\n{run.run_id}: {run.test_accuracy:.2f} %, {format_params(run.model_params)}"
-        is_choice = "choice" in texts
-        # Alternate label offsets so that labels of nearby points do not sit on each other.
-        dy = 28 if offset_index % 2 == 0 else -36
+        point = (x_of(run), y_of(run))
+        fx, fy = data_to_axes.transform(point)
+        x_sign, y_sign = direction
+        if (x_sign > 0 and fx > 0.75) or (x_sign < 0 and fx < 0.25):
+            x_sign = -x_sign
+        if (y_sign > 0 and fy > 0.8) or (y_sign < 0 and fy < 0.2):
+            y_sign = -y_sign
+        distance = 16 + 8 * index
+        dx = x_sign * distance
+        dy = y_sign * (distance + 10)
+        color = "tab:red" if "choice" in texts else "black"
         axes.annotate(
-            text,
-            xy=(x_of(run), y_of(run)),
-            xytext=(12, dy),
+            " / ".join(texts) + f"\n{run.run_id}: {run.test_accuracy:.2f} %, {format_params(run.model_params)}",
+            xy=point,
+            xytext=(dx, dy),
             textcoords="offset points",
+            ha="right" if dx < 0 else "left",
+            va="top" if dy < 0 else "bottom",
             fontsize="small",
-            color="tab:red" if is_choice else "black",
-            arrowprops={"arrowstyle": "->", "color": "tab:red" if is_choice else "0.3", "linewidth": 0.8},
-            bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
-            zorder=5,
+            color=color,
+            arrowprops={"arrowstyle": "->", "color": "tab:red" if color == "tab:red" else "0.3", "linewidth": 0.8},
+            bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"},
+            # Above the frontier line but below the points, so a label never hides a run.
+            zorder=2.5,
         )

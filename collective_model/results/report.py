@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 from .analysis import Analysis, Winner, describe_excluded
@@ -151,7 +150,7 @@ def _choice_json(run: ResultRun | None) -> dict[str, Any] | None:
         "run_id": run.run_id,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "checkpoint_exists": bool(checkpoint and checkpoint.is_file()),
-        "reload_command": reload_command(run.run_dir) if run.run_dir else None,
+        "reload_command": reload_command(run.model_path) if run.model_path else None,
     }
 
 
@@ -300,7 +299,7 @@ def _choice_lines(analysis: Analysis, run: ResultRun) -> list[str]:
         return lines
     missing = "" if checkpoint.is_file() else " (not found on this machine)"
     lines.append(f"  checkpoint: {checkpoint}{missing}")
-    lines.append(f"  reload:     {reload_command(str(Path(run.run_dir)))}")
+    lines.append(f"  reload:     {reload_command(run.model_path)}")
     lines.append(f"  export:     collective results export {run.run_id} DIR")
     return lines
 

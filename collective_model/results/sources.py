@@ -9,12 +9,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import netrc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from urllib.parse import urlparse
 
 from ..errors import CollectiveError
 from .frontier import efficiency_per_100k
@@ -77,8 +75,23 @@ class ResultRun:
 
     @property
     def checkpoint_path(self) -> Path | None:
-        """The run folder's checkpoint file (it may not exist on this machine)."""
-        return Path(self.run_dir) / "checkpoint.pt" if self.run_dir else None
+        """The checkpoint whose weights the final metrics describe (it may not exist on this machine).
+
+        That is checkpoint.pt (best validation accuracy), or checkpoint_last.pt for a run with
+        ``final_model: last``, whose final metrics are measured on the last epoch's weights.
+        """
+        if not self.run_dir:
+            return None
+        name = "checkpoint_last.pt" if self.config.get("final_model") == "last" else "checkpoint.pt"
+        return Path(self.run_dir) / name
+
+    @property
+    def model_path(self) -> str | None:
+        """The path to pass to ``collective_model.load_model``: the run folder, or the last checkpoint."""
+        checkpoint = self.checkpoint_path
+        if checkpoint is None:
+            return None
+        return str(checkpoint) if checkpoint.name != "checkpoint.pt" else self.run_dir
 
     def metric(self, name: str) -> float | None:
         """Return a summary metric as a finite number, or None."""
@@ -115,30 +128,15 @@ def _finite_number(value: Any) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def wandb_credentials_available() -> bool:
-    """Return True when W&B could be used online: an API key exists and WANDB_MODE allows it.
+def resolve_backend(backend: str) -> tuple[str, str]:
+    """Return ("wandb" or "local", the reason) for --backend auto|wandb|local.
 
-    The key is looked for where ``wandb login`` puts it: $WANDB_API_KEY, or the netrc file
-    ($NETRC or ~/.netrc) entry for the W&B host ($WANDB_BASE_URL, default api.wandb.ai).
+    auto picks wandb when W&B credentials exist and WANDB_MODE is not offline, the same rule
+    as `collective sweep create`.
     """
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc_path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    try:
-        entry = netrc.netrc(str(netrc_path)).authenticators(host or "api.wandb.ai")
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
+    from ..sweeps.wandb_backend import choose_backend
 
-
-def resolve_backend(backend: str) -> str:
-    """Return "wandb" or "local" for --backend auto|wandb|local."""
-    if backend != "auto":
-        return backend
-    return "wandb" if wandb_credentials_available() else "local"
+    return choose_backend(backend)
 
 
 # --------------------------------------------------------------------------------------------

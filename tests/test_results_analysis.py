@@ -125,6 +125,27 @@ def test_frontier_hyperparameters_that_change():
     assert result.frontier_keys == ["n_total", "lr"]
 
 
+def test_frontier_hyperparameter_table():
+    records = [
+        record("e1", 85.0, 200_000, EFFICIENCY, config={"lr": 0.0031234567, "expert_hidden": [64, 32]}),
+        record("a1", 88.0, 1_000_000, ACCURACY, config={"lr": 0.001, "expert_hidden": [64, 32], "seed": 7}),
+    ]
+    text = render_table(analyse(run_set(records)))
+    assert "  hyperparameter  #1        #2\n" in text
+    assert "  lr              0.003123  0.001\n" in text
+    assert "  seed            -         7\n" in text
+    assert "expert_hidden" not in text
+
+
+def test_summary_config_completes_store_config():
+    # The store keeps a sweep run's swept values; summary.json has the whole resolved config.
+    stored = record("e1", 85.0, 200_000, EFFICIENCY, config={"lr": 0.01})
+    stored["summary"]["config"] = {"lr": 0.01, "seed": 42, "epochs": 10}
+    assert run_from_record(stored).config == {"lr": 0.01, "seed": 42, "epochs": 10}
+    stored["summary"]["config"] = "not a mapping"
+    assert run_from_record(stored).config == {"lr": 0.01}
+
+
 def test_single_run_project():
     result = analyse(run_set([record("only", 80.0, 5000, ACCURACY)]))
     assert [r.run_id for r in result.frontier] == ["only"]
@@ -181,7 +202,7 @@ def test_constraint_choice(max_params, min_accuracy, expected):
 def test_both_constraints_name_most_accurate_too():
     result = analyse(study(), max_params=5_000_000, min_accuracy=87.0)
     assert result.choice.run_id == "s1"
-    assert result.most_accurate_choice.run_id == "a3"
+    assert result.max_accuracy_choice.run_id == "a3"
     text = render_table(result)
     assert "the smallest run that meets both" in text
     assert "The most accurate run that meets both:" in text
@@ -190,7 +211,7 @@ def test_both_constraints_name_most_accurate_too():
 def test_both_constraints_single_candidate():
     result = analyse(study(), max_params=1_000_000, min_accuracy=88.0)
     assert result.choice.run_id == "a1"
-    assert result.most_accurate_choice is None
+    assert result.max_accuracy_choice is None
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ class FakeRun:
 class FakeRuns:
     """A lazy paginated collection like wandb's Runs: pages load only while iterating further.
 
-    The server serves at most ``page_size`` runs per request whatever ``per_page`` asks for, so
+    The server serves at most ``page_size`` runs per request whatever ``per_page`` requests, so
     a project of more runs always spans several pages.
     """
 
@@ -181,10 +181,10 @@ def test_summary_object_without_summary_metrics(fake_wandb):
 
 
 def test_api_error_becomes_message(monkeypatch):
-    def refuse(*args, **kwargs):
+    def raise_usage_error(*args, **kwargs):
         raise wandb.errors.UsageError("api_key not configured (no-tty)")
 
-    monkeypatch.setattr(wandb, "Api", refuse)
+    monkeypatch.setattr(wandb, "Api", raise_usage_error)
     with pytest.raises(sources.CollectiveError, match=r"reading runs of W&B project ent/proj failed: api_key not configured"):
         load_wandb("proj", "ent")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from pathlib import Path
 
 import click
 
@@ -60,6 +61,24 @@ class PercentType(click.ParamType):
         return number
 
 
+def _check_plot_path(ctx, param, value):
+    """Reject a --plot file whose suffix matplotlib cannot write, before any work is done."""
+    if value is None:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(value).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise click.BadParameter(
+            f"{value!r} has no image suffix matplotlib can write; end the name with .png, .svg or .pdf "
+            f"(all formats: {', '.join(sorted(formats))})",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
 def _load_run_set(backend: str, project: str | None, entity: str | None, store_path: str | None, every_local_project: bool = False):
     """Resolve the backend, project and store, and read the project's runs.
 
@@ -69,9 +88,9 @@ def _load_run_set(backend: str, project: str | None, entity: str | None, store_p
     from .. import paths
     from ..results import sources
 
-    chosen, why = sources.resolve_backend(backend)
+    chosen, reason = sources.resolve_backend(backend)
     if backend == "auto":
-        click.echo(f"backend: {chosen} ({why}; choose with --backend)", err=True)
+        click.echo(f"Backend {chosen}: {reason}. Choose one with --backend.", err=True)
     project = paths.resolve_project(project)
     if chosen == "wandb":
         return sources.load_wandb(project, entity)
@@ -97,7 +116,7 @@ def _fail(error: CollectiveError) -> None:
 @click.option("--min-accuracy", type=PercentType(),
               help="Deployment floor on final/test_accuracy in percent: choose the smallest run that reaches it. "
                    "With --max-params too: the smallest run that meets both.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_check_plot_path,
               help="Write the figure (accuracy against parameters, efficiency against accuracy) to this file, e.g. front.png.")
 @click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
               help="Output on stdout; csv and json list the same runs as the table.")
@@ -111,9 +130,9 @@ def results_group(ctx, project, entity, backend, store_path, sweeps, max_params,
     """
     ctx.obj = {"project": project, "entity": entity, "backend": backend, "store_path": store_path}
     if ctx.invoked_subcommand is not None:
-        given = [name for name in ANALYSIS_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            options = ", ".join(ANALYSIS_OPTIONS[name] for name in given)
+        used = [name for name in ANALYSIS_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if used:
+            options = ", ".join(ANALYSIS_OPTIONS[name] for name in used)
             raise click.UsageError(f"{options} only apply to the analysis, not to `results {ctx.invoked_subcommand}`")
         return
 
@@ -163,7 +182,7 @@ def results_group(ctx, project, entity, backend, store_path, sweeps, max_params,
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--project", help="W&B project of the run [default: $WANDB_PROJECT or collective-model]; a local store is searched in every project.")
 @click.option("--entity", help="W&B entity of the project.")
-@click.option("--backend", type=click.Choice(["auto", "wandb", "local"]), help="Where the run is [default: auto].")
+@click.option("--backend", type=click.Choice(["auto", "wandb", "local"]), help="Backend that recorded the run [default: auto, as for the analysis].")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), help="Local SQLite store [env: COLLECTIVE_STORE].")
 @click.pass_obj
 def export_command(settings, run_id, directory, project, entity, backend, store_path) -> None:

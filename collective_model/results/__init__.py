@@ -1,6 +1,6 @@
 """Results of a project's runs: best run of each sweep, Pareto frontier, deployment choice.
 
-``sources`` reads the runs from the local store or W&B, ``frontier`` holds the pure trade-off
+``sources`` reads the runs from the local store or W&B, ``frontier`` contains the pure trade-off
 logic, ``analysis`` combines them, and ``report``, ``plot`` and ``export`` present the outcome.
 """
 

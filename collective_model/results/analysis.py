@@ -32,7 +32,7 @@ class Winner:
 
 @dataclass
 class Tradeoff:
-    """How one sweep's best run compares with the most accurate sweep winner."""
+    """The comparison of one sweep's best run with the most accurate sweep winner."""
 
     reference: Winner
     other: Winner
@@ -50,7 +50,7 @@ class Analysis:
     location: str
     runs_total: int
     runs: list[ResultRun]  # analysed: finished and with final/test_accuracy and model_params
-    excluded: Counter
+    excluded: Counter  # exclusion reason (a run state or "missing metrics") -> number of runs
     sweeps: list[SweepInfo]
     winners: list[Winner]
     tradeoffs: list[Tradeoff]
@@ -60,7 +60,7 @@ class Analysis:
     min_accuracy: float | None = None
     choice: ResultRun | None = None
     # With both constraints: the most accurate run that meets them, when it is not the choice.
-    most_accurate_choice: ResultRun | None = None
+    max_accuracy_choice: ResultRun | None = None
     sweep_labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -73,15 +73,15 @@ class Analysis:
             return STANDALONE
         return self.sweep_labels.get(run.sweep_id, run.sweep_name or run.sweep_id)
 
-    def shown_runs(self) -> list[ResultRun]:
+    def listed_runs(self) -> list[ResultRun]:
         """Return the runs the report lists: the frontier (smallest first), then winners off it."""
-        shown = list(self.frontier)
+        listed = list(self.frontier)
         for winner in self.winners:
-            if winner.run is not None and all(winner.run is not run for run in shown):
-                shown.append(winner.run)
-        if self.most_accurate_choice is not None and all(self.most_accurate_choice is not run for run in shown):
-            shown.append(self.most_accurate_choice)
-        return shown
+            if winner.run is not None and all(winner.run is not run for run in listed):
+                listed.append(winner.run)
+        if self.max_accuracy_choice is not None and all(self.max_accuracy_choice is not run for run in listed):
+            listed.append(self.max_accuracy_choice)
+        return listed
 
 
 def select_sweeps(run_set: RunSet, selectors: tuple[str, ...] | list[str]) -> list[SweepInfo]:
@@ -139,7 +139,7 @@ def analyse(
     frontier_keys = pareto.varying_keys([run.config for run in frontier]) if len(frontier) > 1 else []
 
     # Step 4: the run that meets the deployment constraints.
-    choice = most_accurate = None
+    choice = max_accuracy = None
     if max_params is not None or min_accuracy is not None:
         index = pareto.choose_index(points, max_params=max_params, min_accuracy=min_accuracy)
         choice = runs[index] if index is not None else None
@@ -147,7 +147,7 @@ def analyse(
             feasible = [i for i, (accuracy, _) in enumerate(points) if accuracy >= min_accuracy]
             best = pareto.choose_index([points[i] for i in feasible], max_params=max_params)
             candidate = runs[feasible[best]]
-            most_accurate = candidate if candidate is not choice else None
+            max_accuracy = candidate if candidate is not choice else None
 
     return Analysis(
         project=run_set.project,
@@ -164,14 +164,14 @@ def analyse(
         max_params=max_params,
         min_accuracy=min_accuracy,
         choice=choice,
-        most_accurate_choice=most_accurate,
+        max_accuracy_choice=max_accuracy,
         sweep_labels=_sweep_labels(sweeps),
     )
 
 
 def _best_of_sweep(sweep: SweepInfo, runs: list[ResultRun]) -> Winner:
     # A sweep record without a metric and a valid goal (possible for grid or random sweeps on
-    # W&B) is ranked by test accuracy, and the report says so.
+    # W&B) is ranked by test accuracy, and the report states this.
     fallback = not sweep.metric or sweep.goal not in ("maximize", "minimize")
     metric = ACCURACY_METRIC if fallback else sweep.metric
     goal = "maximize" if fallback else sweep.goal

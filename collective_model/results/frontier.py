@@ -148,9 +148,9 @@ def describe_tradeoff(reference: Point, other: Point) -> str:
     """
     # Each axis is -1 (worse), 0 (the same at the printed precision) or +1 (better).
     points = other[0] - reference[0]
-    accuracy_sign = 0 if round(points, 1) == 0 else (1 if points > 0 else -1)
+    accuracy_sign = _sign(round(points, 1))
     change = (other[1] - reference[1]) / reference[1] * 100
-    size_sign = 0 if round(change) == 0 else (1 if change < 0 else -1)
+    size_sign = -_sign(round(change))
 
     accuracy_text = "the same test accuracy" if accuracy_sign == 0 else f"{points:+.1f} points of test accuracy"
     if size_sign == 0:
@@ -166,6 +166,14 @@ def describe_tradeoff(reference: Point, other: Point) -> str:
     else:
         joiner = "and"
     return f"{accuracy_text} {joiner} {size_text}"
+
+
+def _sign(value: float) -> int:
+    if value > 0:
+        return 1
+    if value < 0:
+        return -1
+    return 0
 
 
 def varying_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -211,7 +219,13 @@ def format_params(params: int) -> str:
     for divisor, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "K")):
         if params >= divisor:
             scaled = params / divisor
-            digits = 0 if scaled >= 100 else 1 if scaled >= 10 else 2
+            # Three significant digits at most: 540K, 12.3K, 8.5M.
+            if scaled >= 100:
+                digits = 0
+            elif scaled >= 10:
+                digits = 1
+            else:
+                digits = 2
             text = f"{scaled:.{digits}f}"
             if digits:
                 text = text.rstrip("0").rstrip(".")

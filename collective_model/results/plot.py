@@ -98,7 +98,7 @@ def _draw_size_panel(axes, analysis: Analysis, colors: dict) -> None:
     axes.set_title("Test accuracy against model size")
     axes.grid(True, which="both", alpha=0.3)
     if analysis.runs:
-        axes.legend(loc="lower right", fontsize="small")
+        axes.legend(loc="best", fontsize="small")
 
 
 def _draw_efficiency_panel(axes, analysis: Analysis, colors: dict) -> None:
@@ -123,7 +123,7 @@ def _draw_efficiency_panel(axes, analysis: Analysis, colors: dict) -> None:
     axes.set_title("Parameter efficiency against test accuracy")
     axes.grid(True, which="both", alpha=0.3)
     if analysis.runs:
-        axes.legend(loc="upper left", fontsize="small")
+        axes.legend(loc="best", fontsize="small")
 
 
 def _annotate(axes, analysis: Analysis, x_of, y_of, direction: tuple[int, int]) -> None:

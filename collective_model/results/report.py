@@ -1,7 +1,7 @@
 """Render an Analysis as a text report, CSV or JSON.
 
 The three formats list the same runs: the Pareto frontier, smallest first, then any sweep winner
-or constrained choice that is not on it (``Analysis.shown_runs``).
+or constrained choice that is not on it (``Analysis.listed_runs``).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def reload_command(run_dir: str) -> str:
 
 
 def run_rows(analysis: Analysis) -> list[dict[str, Any]]:
-    """Return one dict per shown run with ROW_FIELDS and ``config.<key>`` for each changing key."""
+    """Return one dict per listed run with ROW_FIELDS and ``config.<key>`` for each changing key."""
     ranks = {id(run): rank for rank, run in enumerate(analysis.frontier, start=1)}
     winners = {id(w.run) for w in analysis.winners if w.run is not None}
     rows = []
-    for run in analysis.shown_runs():
+    for run in analysis.listed_runs():
         row = {
             "run_id": run.run_id,
             "sweep": analysis.sweep_label(run),
@@ -71,7 +71,7 @@ def run_rows(analysis: Analysis) -> list[dict[str, Any]]:
 
 
 def render_csv(analysis: Analysis) -> str:
-    """Return the shown runs as CSV; lists, booleans and nulls of the config are JSON-encoded."""
+    """Return the listed runs as CSV; lists, booleans and nulls of the config are JSON-encoded."""
     rows = run_rows(analysis)
     fields = list(ROW_FIELDS) + [f"config.{key}" for key in analysis.frontier_keys]
     buffer = io.StringIO()
@@ -93,9 +93,9 @@ def _csv_cell(key: str, value: Any) -> Any:
 
 
 def render_json(analysis: Analysis) -> str:
-    """Return the whole analysis as one JSON document (each shown run with its full config)."""
+    """Return the whole analysis as one JSON document (each listed run with its full config)."""
     runs = []
-    by_id = {run.run_id: run for run in analysis.shown_runs()}
+    by_id = {run.run_id: run for run in analysis.listed_runs()}
     for row in run_rows(analysis):
         entry = {key: row[key] for key in ROW_FIELDS}
         entry["config"] = by_id[row["run_id"]].config
@@ -123,7 +123,7 @@ def render_json(analysis: Analysis) -> str:
         "frontier_hyperparameters": analysis.frontier_keys,
         "constraints": {"max_params": analysis.max_params, "min_accuracy": analysis.min_accuracy},
         "choice": _choice_json(analysis.choice),
-        "most_accurate_choice": _choice_json(analysis.most_accurate_choice),
+        "max_accuracy_choice": _choice_json(analysis.max_accuracy_choice),
         "choice_message": none_qualifies_message(analysis) if analysis.constrained and analysis.choice is None else None,
         "runs": runs,
     }
@@ -244,20 +244,33 @@ def _frontier_section(analysis: Analysis) -> str:
         *_align([header, *rows], right=(0, 3, 4, 5)),
     ]
     if analysis.frontier_keys:
-        lines.append("Hyperparameters that change along the frontier:")
+        # One row per hyperparameter and one column per frontier run, numbered as above, because
+        # a frontier is usually shorter than the list of keys that change along it.
+        lines.append("Hyperparameters that change along the frontier (\"-\": not in the run's config):")
+        ranks = tuple(f"#{rank}" for rank in range(1, count + 1))
         settings = [
-            (f"#{rank}", *(f"{key}={_config_text(run.config.get(key))}" for key in analysis.frontier_keys))
-            for rank, run in enumerate(analysis.frontier, start=1)
+            (key, *(_config_text(run.config.get(key, _MISSING)) for run in analysis.frontier))
+            for key in analysis.frontier_keys
         ]
-        lines.extend(_align(settings, right=(0,)))
+        lines.extend(_align([("hyperparameter", *ranks), *settings]))
     elif count > 1:
         lines.append("The frontier runs share every hyperparameter.")
     return "\n".join(lines)
 
 
+_MISSING = object()
+
+
 def _config_text(value: Any) -> str:
+    """Return a config value for the text report: floats to 4 significant digits, lists as JSON."""
+    if value is _MISSING:
+        return "-"
     if isinstance(value, str):
         return value
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+        # Keep a float recognisable as one: 1.0 stays "1.0", not "1".
+        return text if any(mark in text for mark in ".einf") else text + ".0"
     return json.dumps(value)
 
 
@@ -282,9 +295,9 @@ def _choice_section(analysis: Analysis) -> str:
     else:
         title = f"Deployment choice ({constraint_text(analysis)}): the smallest run that reaches it"
     lines = [title, *_choice_lines(analysis, analysis.choice)]
-    if analysis.most_accurate_choice is not None:
+    if analysis.max_accuracy_choice is not None:
         lines.append("The most accurate run that meets both:")
-        lines.extend(_choice_lines(analysis, analysis.most_accurate_choice))
+        lines.extend(_choice_lines(analysis, analysis.max_accuracy_choice))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Where the runs of a project come from: the local store or W&B's public API.
+"""Sources of a project's runs: the local store or W&B's public API.
 
 Both sources produce the same records (``ResultRun`` and ``SweepInfo``), so the analysis, the
 plot and the export never see which backend a run lives on.
@@ -41,7 +41,7 @@ class SweepInfo:
 
 @dataclass
 class ResultRun:
-    """One run of a project as the results analysis sees it, whichever backend stored it."""
+    """One run of a project in the form the results analysis uses, from either backend."""
 
     run_id: str
     project: str
@@ -179,13 +179,20 @@ def load_local(store_path: Path, project: str | None) -> RunSet:
 
 
 def run_from_record(record: Mapping[str, Any]) -> ResultRun:
-    """Build a ResultRun from one run dict of ``Store.list_runs``."""
+    """Build a ResultRun from one run dict of ``Store.list_runs``.
+
+    The store keeps only the swept values as a sweep run's config, so the resolved config that
+    summary.json records (every key, as the run trained) is laid over it when present.
+    """
     summary = dict(record.get("summary") or {})
+    config = dict(record.get("config") or {})
+    if isinstance(summary.get("config"), Mapping):
+        config.update(summary["config"])
     return ResultRun(
         run_id=str(record["run_id"]),
         project=str(record.get("project") or ""),
         state=str(record.get("state") or ""),
-        config=dict(record.get("config") or {}),
+        config=config,
         summary=summary,
         sweep_id=_text_or_none(record.get("sweep_id")),
         sweep_name=_text_or_none(record.get("sweep_name")),
@@ -251,14 +258,14 @@ def load_wandb(project: str, entity: str | None = None) -> RunSet:
 
 def _runs_options(api: Any) -> dict[str, Any]:
     """Return the keyword arguments for ``api.runs`` that this wandb version accepts."""
-    wanted = {"per_page": WANDB_PAGE_SIZE, "include_sweeps": True, "lazy": False}
+    options = {"per_page": WANDB_PAGE_SIZE, "include_sweeps": True, "lazy": False}
     try:
         parameters = inspect.signature(api.runs).parameters
     except (TypeError, ValueError):
         return {}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return wanted
-    return {name: value for name, value in wanted.items() if name in parameters}
+        return options
+    return {name: value for name, value in options.items() if name in parameters}
 
 
 def run_from_wandb(wandb_run: Any, project: str) -> tuple[ResultRun, SweepInfo | None]:

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import re
 
 import pytest
@@ -199,7 +200,7 @@ def test_none_qualifies(study):
 def test_min_accuracy_fraction_note(study):
     result = invoke(["--min-accuracy", "0.88"], study)
     assert result.exit_code == 0
-    assert "note: --min-accuracy is in percent; 0.88 asks for 0.88 %, not 88 %" in result.stderr
+    assert "note: --min-accuracy is in percent; 0.88 requests 0.88 %, not 88 %" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -291,6 +292,23 @@ def test_export_copies_files_and_readme(study, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".deploy.")]
 
 
+def test_export_folder_permissions(study, tmp_path):
+    target = tmp_path / "deploy"
+    result = export(study, best_accuracy(study), str(target))
+    assert result.exit_code == 0, result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_export_parent_is_a_file(study, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    result = export(study, best_accuracy(study), str(blocker / "deploy"))
+    assert result.exit_code == 1
+    assert f"exporting run {best_accuracy(study)} to {blocker / 'deploy'} failed" in result.stderr
+
+
 def test_export_into_empty_folder_and_by_prefix(study, tmp_path):
     run_id = best_accuracy(study)
     target = tmp_path / "empty"
@@ -310,7 +328,7 @@ def test_export_unknown_run(study, tmp_path):
 def test_export_ambiguous_prefix(study, tmp_path):
     result = export(study, "", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "is ambiguous" in result.stderr
+    assert "run id prefix '' matches 7 runs in the local store" in result.stderr
 
 
 def test_export_without_checkpoint(study, tmp_path):
@@ -342,7 +360,7 @@ def test_export_onto_a_file(study, tmp_path):
 def test_export_rejects_analysis_options(study, tmp_path):
     result = CliRunner().invoke(main, ["results", "--store", str(study["store"]), "--max-params", "5", "export", "x", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "--max-params only apply to the analysis" in result.stderr
+    assert "--max-params applies only to the analysis" in result.stderr
 
 
 def test_exported_model_reloads(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import wandb
 from click.testing import CliRunner
 
 from collective_model.cli import main
-from collective_model.results import sources
+from collective_model.results import analyse, sources
 from collective_model.results.sources import load_wandb, resolve_backend
 
 ACCURACY_SWEEP = SimpleNamespace(
@@ -155,6 +155,17 @@ def test_records_from_wandb_runs(fake_wandb):
         ("sweff002", "final/param_efficiency", "maximize"),
     ]
     assert run_set.location == "ent/proj"
+
+
+def test_sweep_metric_without_goal_minimizes(fake_wandb):
+    loss_sweep = SimpleNamespace(id="swloss03", name="loss", config={"metric": {"name": "final/test_loss"}})
+    runs = [FakeRun("l1", "finished", 80.0, 1000, loss_sweep), FakeRun("l2", "finished", 82.0, 1000, loss_sweep)]
+    runs[0].summary_metrics["final/test_loss"] = 0.3
+    runs[1].summary_metrics["final/test_loss"] = 0.5
+    fake_wandb.runs_by_path = {"ent/proj": runs}
+    run_set = load_wandb("proj", "ent")
+    assert run_set.sweeps[0].goal == "minimize"
+    assert analyse(run_set).winners[0].run.run_id == "l1"
 
 
 def test_entity_from_environment(fake_wandb, monkeypatch):

@@ -6,6 +6,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -97,7 +98,7 @@ def _load_run_set(backend: str, project: str | None, entity: str | None, store_p
     return sources.load_local(paths.resolve_store_path(store_path), None if every_local_project else project)
 
 
-def _fail(error: CollectiveError) -> None:
+def _fail(error: CollectiveError) -> NoReturn:
     click.echo(f"Error: {error}", err=True)
     sys.exit(error.exit_code)
 
@@ -133,28 +134,40 @@ def results_group(ctx, project, entity, backend, store_path, sweeps, max_params,
         used = [name for name in ANALYSIS_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if used:
             options = ", ".join(ANALYSIS_OPTIONS[name] for name in used)
-            raise click.UsageError(f"{options} only apply to the analysis, not to `results {ctx.invoked_subcommand}`")
+            verb = "applies" if len(used) == 1 else "apply"
+            raise click.UsageError(f"{options} {verb} only to the analysis, not to `results {ctx.invoked_subcommand}`")
         return
 
     if min_accuracy is not None and 0 < min_accuracy <= 1:
-        click.echo(f"note: --min-accuracy is in percent; {min_accuracy:g} asks for {min_accuracy:g} %, not {min_accuracy * 100:g} %", err=True)
+        click.echo(f"note: --min-accuracy is in percent; {min_accuracy:g} requests {min_accuracy:g} %, not {min_accuracy * 100:g} %", err=True)
 
     from ..results import analyse
-    from ..results import report
 
     try:
         run_set = _load_run_set(backend, project, entity, store_path)
         analysis = analyse(run_set, sweeps, max_params=max_params, min_accuracy=min_accuracy)
     except CollectiveError as error:
         _fail(error)
+    _require_runs(analysis, sweeps)
+    _print_analysis(analysis, output_format)
+    if plot_path:
+        _write_plot(analysis, plot_path, output_format)
 
-    # Nothing to analyse is a failure: every output below needs at least one run.
+
+def _require_runs(analysis, sweeps: tuple[str, ...]) -> None:
+    """Fail when nothing can be analysed, because every output needs at least one run."""
+    from ..results.analysis import describe_excluded
+
     if analysis.runs_total == 0:
         scope = f"sweep {', '.join(sweeps)} of project" if sweeps else "project"
         _fail(CollectiveError(f"no runs in {scope} {analysis.project} ({analysis.location}); check --project and --store"))
     if not analysis.runs:
-        excluded = report.describe_excluded(analysis)
+        excluded = describe_excluded(analysis)
         _fail(CollectiveError(f"no finished run with final/test_accuracy and model_params in project {analysis.project}. {excluded}"))
+
+
+def _print_analysis(analysis, output_format: str) -> None:
+    from ..results import report
 
     if output_format == "table":
         click.echo(report.render_table(analysis), nl=False)
@@ -167,14 +180,16 @@ def results_group(ctx, project, entity, backend, store_path, sweeps, max_params,
         if analysis.constrained and analysis.choice is None and output_format == "csv":
             click.echo(report.none_qualifies_message(analysis), err=True)
 
-    if plot_path:
-        from ..results.plot import write_plot
 
-        try:
-            written = write_plot(analysis, plot_path)
-        except (OSError, ValueError) as error:
-            _fail(CollectiveError(f"writing the plot to {plot_path} failed: {error}"))
-        click.echo(f"Plot written to {written}", err=output_format != "table")
+def _write_plot(analysis, plot_path: str, output_format: str) -> None:
+    from ..results.plot import write_plot
+
+    try:
+        written = write_plot(analysis, plot_path)
+    except (OSError, ValueError) as error:
+        _fail(CollectiveError(f"writing the plot to {plot_path} failed: {error}"))
+    # The path goes with the table on stdout, but to stderr when stdout carries CSV or JSON.
+    click.echo(f"Plot written to {written}", err=output_format != "table")
 
 
 @results_group.command("export")

@@ -34,7 +34,7 @@ def find_run(runs: list[ResultRun], run_id: str, where: str) -> ResultRun:
         return matches[0]
     if matches:
         ids = ", ".join(sorted(run.run_id for run in matches))
-        raise ExportUsageError(f"run id {run_id!r} is ambiguous in {where}: it starts {ids}; give more characters")
+        raise ExportUsageError(f"run id prefix {run_id!r} matches {len(matches)} runs in {where} ({ids}); give more characters")
     raise ExportUsageError(
         f"run {run_id!r} not found in {where}; check the id (`collective results` lists the "
         "frontier, `collective sweep show ID` every run of a sweep)"
@@ -67,9 +67,16 @@ def export_run(run: ResultRun, destination: str | Path) -> list[Path]:
             "a run that failed before its first validation, or one trained on another machine, has no checkpoint here"
         )
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    except OSError as error:
+        raise CollectiveError(f"exporting run {run.run_id} to {destination} failed: {error}") from error
+    try:
+        # mkdtemp creates the folder as 0700; give it the permissions a new folder gets here.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         copied = []
         for name in REQUIRED_FILES + OPTIONAL_FILES:
             if (run_dir / name).is_file():
@@ -78,6 +85,9 @@ def export_run(run: ResultRun, destination: str | Path) -> list[Path]:
         (staging / "README.md").write_text(readme_text(run, copied), encoding="utf-8")
         # os.replace swaps the staging folder in for a missing or empty destination in one step.
         os.replace(staging, destination)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CollectiveError(f"exporting run {run.run_id} to {destination} failed: {error}") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -283,12 +283,9 @@ def run_from_wandb(wandb_run: Any, project: str) -> tuple[ResultRun, SweepInfo |
         sweep_config = dict(getattr(sweep, "config", None) or {})
         metric = sweep_config.get("metric") or {}
         name = getattr(sweep, "name", None) or sweep_config.get("name") or sweep.id
-        sweep_info = SweepInfo(
-            sweep_id=str(sweep.id),
-            name=str(name),
-            metric=metric.get("name"),
-            goal=metric.get("goal"),
-        )
+        # W&B's sweep schema makes "minimize" the goal of a metric that names none.
+        goal = metric.get("goal", "minimize") if metric.get("name") else None
+        sweep_info = SweepInfo(sweep_id=str(sweep.id), name=str(name), metric=metric.get("name"), goal=goal)
 
     run = ResultRun(
         run_id=str(wandb_run.id),

@@ -42,7 +42,7 @@ def find_run(runs: list[ResultRun], run_id: str, where: str) -> ResultRun:
 
 
 def export_run(run: ResultRun, destination: str | Path) -> list[Path]:
-    """Copy the run's checkpoint, config.yaml and summary.json into ``destination`` with a README.
+    """Copy the run's checkpoint and config.yaml, and the optional files, into ``destination`` with a README.
 
     The destination must not exist or be an empty folder. Files are first written to a
     temporary folder beside it and then moved into place, so a failed export leaves nothing

@@ -58,8 +58,10 @@ def _scatter_by_sweep(axes, analysis: Analysis, colors: dict, x_of, y_of) -> Non
     groups: dict[str, list[ResultRun]] = {}
     for run in analysis.runs:
         groups.setdefault(analysis.sweep_label(run), []).append(run)
-    # Sweeps first in their creation order, standalone runs last.
-    for label in sorted(groups, key=lambda name: (name == STANDALONE, list(colors).index(name) if name in colors else 0)):
+    # Sweeps in their creation order, then standalone runs (the order of ``colors``).
+    order = [label for label in colors if label in groups]
+    order += [label for label in groups if label not in colors]
+    for label in order:
         runs = groups[label]
         axes.scatter(
             [x_of(r) for r in runs],

@@ -230,8 +230,8 @@ def load_wandb(project: str, entity: str | None = None) -> RunSet:
     """Read every run of ``entity/project`` through W&B's public API; raise CollectiveError.
 
     ``Api.runs`` returns a lazy, paginated collection. Plain iteration fetches page after page
-    until the last one, whereas ``len()``, indexing or its ``objects`` list would only cover
-    the pages loaded so far, so this function only iterates.
+    until the last one. Its ``objects`` list holds only the pages fetched so far, so this
+    function iterates and never reads that list.
     """
     try:
         import wandb
@@ -283,7 +283,7 @@ def run_from_wandb(wandb_run: Any, project: str) -> tuple[ResultRun, SweepInfo |
         sweep_config = dict(getattr(sweep, "config", None) or {})
         metric = sweep_config.get("metric") or {}
         name = getattr(sweep, "name", None) or sweep_config.get("name") or sweep.id
-        # W&B's sweep schema makes "minimize" the goal of a metric that names none.
+        # The sweep schema of W&B's `sweeps` package (config/schema.json) defaults the goal to "minimize".
         goal = metric.get("goal", "minimize") if metric.get("name") else None
         sweep_info = SweepInfo(sweep_id=str(sweep.id), name=str(name), metric=metric.get("name"), goal=goal)
 

@@ -331,9 +331,17 @@ def member_variant(base: list[int], index: int, vary: bool) -> list[int]:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 and 5E+4 as floats (YAML 1.1 requires a dot)."""
+    """SafeLoader with YAML 1.2 scalars: only true/false are booleans (not yes, no, on, off),
+    and 1e-3 or 5E+4 are floats (YAML 1.1 requires a dot)."""
 
 
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -7,11 +7,14 @@ per-sample Python transforms and no loader worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
 import os
 import pickle
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -192,31 +195,42 @@ def _load_folder(folder: Path, spec: DatasetSpec) -> dict[str, ArraySplit]:
 
 
 def candidate_folders(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> list[Path]:
-    """Return the folders searched, in order: --data-dir / $COLLECTIVE_DATA_DIR, user cache, system."""
-    roots = []
+    """Return the folders searched, in order.
+
+    An explicit folder (--data-dir or $COLLECTIVE_DATA_DIR) is the only place searched, with its
+    usual subfolders, so that a wrong folder is reported instead of silently replaced. Otherwise
+    the user cache, then the system dataset folders of distribution packages.
+    """
     explicit = data_dir or os.environ.get("COLLECTIVE_DATA_DIR")
-    if explicit:
-        roots.append(Path(explicit).expanduser())
-    roots.append(user_cache_dir())
-    folders = []
-    for root in roots:
-        folders.append(root)
-        folders.extend(root / name for name in spec.folder_names)
-    folders.extend(Path(d) for d in spec.system_dirs)
+    root = Path(explicit).expanduser() if explicit else user_cache_dir()
+    folders = [root, *(root / name for name in spec.folder_names)]
+    if not explicit:
+        folders.extend(Path(d) for d in spec.system_dirs)
     return folders
 
 
 def _download_with_torchvision(spec: DatasetSpec, root: Path) -> Path:
-    """Download the dataset with torchvision into ``root``; return the folder holding the files."""
+    """Download the dataset with torchvision into ``root``; return the folder holding the files.
+
+    torchvision's progress lines go to stderr. A failed download removes the folders it created.
+    """
     import torchvision.datasets as tv_datasets
 
     dataset_class = getattr(tv_datasets, spec.torchvision_class)
+    target = root / ("cifar-10-batches-py" if spec.name == "cifar10" else spec.torchvision_class)
+    created = [p for p in (root, target) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    for train in (True, False):
-        dataset_class(str(root), train=train, download=True)
-    if spec.name == "cifar10":
-        return root / "cifar-10-batches-py"
-    return root / spec.torchvision_class / "raw"
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            for train in (True, False):
+                dataset_class(str(root), train=train, download=True)
+    except BaseException:
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
+        if spec.name == "cifar10":
+            (root / "cifar-10-python.tar.gz").unlink(missing_ok=True)
+        raise
+    return target if spec.name == "cifar10" else target / "raw"
 
 
 def find_and_load(dataset: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> tuple[dict[str, ArraySplit], str]:
@@ -248,7 +262,8 @@ def find_and_load(dataset: str, data_dir: str | os.PathLike | None = None, downl
             splits = _load_folder(folder, spec)
             return splits, str(folder)
         except Exception as error:  # noqa: BLE001 - any download failure ends in one message
-            tried.append(f"torchvision download into {root}: failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+            detail = " ".join(str(error).split())[:300]
+            tried.append(f"torchvision download into {root}: failed ({type(error).__name__}: {detail})")
 
     lines = [f"dataset '{dataset}' not found. Places tried:"]
     lines += [f"  - {entry}" for entry in tried]

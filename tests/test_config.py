@@ -85,6 +85,11 @@ def test_set_values_parse_as_yaml():
     assert type(values["expert_hidden"]) is list
 
 
+def test_only_true_and_false_are_booleans():
+    values = C.parse_set_options(["a=False", "b=true", "c=yes", "d=off", 'e="false"'])
+    assert values == {"a": False, "b": True, "c": "yes", "d": "off", "e": "false"}
+
+
 def test_set_without_equals_is_rejected():
     with pytest.raises(C.ConfigError, match="expected key=value"):
         C.parse_set_options(["epochs"])

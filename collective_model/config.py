@@ -452,3 +452,28 @@ def describe_keys() -> str:
                 lines.append(f"  {key.name} = {yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix('...').strip()}  ({key.describe_range()})")
                 lines.append(f"      {key.help}")
     return "\n".join(lines)
+
+
+def keys_markdown() -> str:
+    """Return the Markdown table of every key (docs/configuration.md is this text)."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated from `collective_model/config.py` by `python -m collective_model.config`; a test",
+        "checks that this page matches the code. Set keys with `--config FILE.yaml` (a flat mapping),",
+        "`--set key=value` (the value is parsed as YAML) or a sweep's parameters.",
+        "",
+    ]
+    for group in ("model", "data", "training"):
+        lines += [f"## {group.capitalize()}", "", "| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+        for key in KEYS.values():
+            if key.group == group:
+                default = yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix("...").strip()
+                lines.append(f"| `{key.name}` | `{default}` | {key.describe_range()} | {key.help} |")
+        lines.append("")
+    lines += ["## Derived dimensions (not settable)", "", ", ".join(f"`{name}`" for name in DERIVED_KEYS), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(keys_markdown(), end="")

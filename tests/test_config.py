@@ -183,3 +183,10 @@ def test_to_yaml_round_trips():
     derived = loaded.pop("derived")
     assert loaded == resolved
     assert derived["collective_input_dim"] == 229
+
+
+def test_configuration_doc_matches_keys():
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == C.keys_markdown(), "regenerate with: python -m collective_model.config > docs/configuration.md"

@@ -191,10 +191,14 @@ def test_sweep_params_override_config_and_set(workdir, cli_env, fashion_mnist_di
     assert summary["model_params"] == expected == model.num_parameters()
 
 
+# SGD with learning_rate 10 and weight_decay 1 multiplies every weight by about -9 per step, so
+# the loss overflows within a few dozen steps.
+DIVERGING = ["--set", "batch_size=16", "--set", "optimizer=sgd", "--set", "learning_rate=10", "--set", "weight_decay=1.0"]
+
+
 def test_non_finite_loss_fails_the_run(workdir, cli_env, fashion_mnist_dir):
     result = run_collective(
-        ["train", "-q", *SMALL_MODEL, "--set", "train_subset=2000", "--set", "epochs=1", "--set", "optimizer=sgd",
-         "--set", "learning_rate=10"],
+        ["train", "-q", *SMALL_MODEL, "--set", "train_subset=2000", "--set", "epochs=1", *DIVERGING],
         workdir, cli_env,
     )
     assert result.returncode == 3, result.stderr

@@ -153,7 +153,7 @@ def execute_run(config: Mapping[str, Any], options: RunOptions) -> dict[str, Any
     except Exception as error:  # noqa: BLE001 - W&B raises many types; all end the run the same way
         raise CollectiveError(f"W&B could not start the run ({error}); set WANDB_MODE=offline to log offline") from error
 
-    # 3. The effective config is what W&B holds after init (it applies the sweep's values).
+    # 3. Train with W&B's config after init, which includes the sweep's values.
     effective = wandb_run.effective_config()
     if effective is not None:
         effective = config_lib.validate({**config, **{k: v for k, v in effective.items() if k in config_lib.KEYS}})

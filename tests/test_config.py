@@ -104,7 +104,7 @@ def test_sweep_params_file_format(tmp_path):
 def test_config_file_must_be_flat_mapping(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  n_total: 8\n")
-    with pytest.raises(C.ConfigError, match="key 'model' holds a mapping"):
+    with pytest.raises(C.ConfigError, match="key 'model' contains a nested mapping"):
         C.load_config_file(path)
 
 

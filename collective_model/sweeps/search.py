@@ -56,8 +56,8 @@ class SweepComplete(CollectiveError):
 def load_engine() -> ModuleType:
     """Import the ``sweeps`` package once and check that it reads summary metrics."""
     with warnings.catch_warnings():
-        # sweeps 0.3.0 declares a pydantic 1 model option that pydantic 2 warns about on import.
-        warnings.simplefilter("ignore", UserWarning)
+        # sweeps 0.3.0 declares pydantic 1 model options that pydantic 2 warns about on import.
+        warnings.simplefilter("ignore")
         import sweeps
         import sweeps.bayes_search  # noqa: F401  (imports scikit-learn, which takes a second)
 

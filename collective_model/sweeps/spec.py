@@ -162,8 +162,8 @@ def _schema_problems(config: Mapping[str, Any]) -> list[str]:
     the fields its distribution requires, in place of the package's generic messages.
     """
     with warnings.catch_warnings():
-        # sweeps 0.3.0 declares a pydantic 1 model option that pydantic 2 warns about on import.
-        warnings.simplefilter("ignore", UserWarning)
+        # sweeps 0.3.0 declares pydantic 1 model options that pydantic 2 warns about on import.
+        warnings.simplefilter("ignore")
         from sweeps import schema_violations_from_proposed_config
         from sweeps.config.schema import sweep_config_jsonschema, validator
 

@@ -207,7 +207,9 @@ class Store:
                     ) from None
                 attempt += 1
                 delay = random.uniform(0.05, 0.2) * min(2**attempt, 16)
-                log.warning("store %s is locked (%s); retry %d in %.2f s", self.path, error, attempt, delay)
+                # A short wait is normal with several agents; a long one points at a stuck process.
+                level = logging.WARNING if waited > BUSY_TIMEOUT_S else logging.INFO
+                log.log(level, "store %s busy (%s); retry %d in %.2f s", self.path, error, attempt, delay)
                 time.sleep(delay)
             except sqlite3.DatabaseError as error:
                 # A file that is not SQLite, or a damaged page: retrying cannot help.

@@ -201,9 +201,10 @@ def _write_plot(analysis, plot_path: str, output_format: str) -> None:
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), help="Local SQLite store [env: COLLECTIVE_STORE].")
 @click.pass_obj
 def export_command(settings, run_id, directory, project, entity, backend, store_path) -> None:
-    """Copy run RUN_ID's checkpoint, config.yaml and summary.json into DIRECTORY with a README.
+    """Copy run RUN_ID's checkpoint and config into DIRECTORY, with a README on loading it.
 
-    RUN_ID may be a unique prefix of the id. DIRECTORY must be new or empty.
+    summary.json, metrics.jsonl and checkpoint_last.pt are copied too when the run folder has
+    them. RUN_ID may be a unique prefix of the id. DIRECTORY must be new or empty.
     """
     from ..results.export import export_run, find_run
     from ..results.report import reload_command

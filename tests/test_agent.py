@@ -1,7 +1,7 @@
 """The local agent with a stand-in training script: environment, outcomes, failures, signals, concurrency.
 
 The stand-in reads the W&B params file the way `collective train` does and writes a
-summary.json; its behaviour per run comes from a plan file (one mode per line, consumed in order).
+summary.json. Its behaviour per run comes from a plan file: one mode per line, consumed in order.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def test_nan_run_recorded_failed(setup):
     "mode, state, reason",
     [
         ("crash", "crashed", "exit code 1: RuntimeError: stand-in crashed"),
-        ("exit0", "crashed", None),  # summary.json says running: the process stopped without finishing
+        ("exit0", "crashed", None),  # summary.json holds state running: the process stopped without finishing
     ],
 )
 def test_crashing_run_recorded(setup, mode, state, reason):

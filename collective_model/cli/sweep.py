@@ -61,7 +61,7 @@ def create_command(sweep_file, project, entity, backend, set_items, store_option
     """
     from ..sweeps import spec, wandb_backend
 
-    chosen, why = wandb_backend.choose_backend(backend)
+    chosen, reason = wandb_backend.choose_backend(backend)
     project = paths.resolve_project(project)
     try:
         path = spec.find_sweep_file(sweep_file)
@@ -83,9 +83,9 @@ def create_command(sweep_file, project, entity, backend, set_items, store_option
         click.echo(f"note: {path.name} has no command; using {' '.join(spec.DEFAULT_COMMAND)}", err=True)
     try:
         if chosen == "local":
-            _create_local(sweep_config, name, path, project, why, store_option, quiet)
+            _create_local(sweep_config, name, path, project, reason, store_option, quiet)
         else:
-            _create_wandb(sweep_config, name, project, entity, why, quiet)
+            _create_wandb(sweep_config, name, project, entity, reason, quiet)
     except CollectiveError as error:
         _fail(error)
 
@@ -96,7 +96,7 @@ def _describe_sweep(name: str, sweep_config: Mapping[str, Any]) -> str:
     return f"{name}: {sweep_config.get('method')}{target}"
 
 
-def _create_local(sweep_config, name, path, project, why, store_option, quiet) -> None:
+def _create_local(sweep_config, name, path, project, reason, store_option, quiet) -> None:
     with _open_store(store_option) as store:
         sweep = store.create_sweep(project, name, sweep_config, backend="local", source=str(path))
     sweep_id = sweep["sweep_id"]
@@ -104,13 +104,13 @@ def _create_local(sweep_config, name, path, project, why, store_option, quiet) -
         click.echo(sweep_id)
         return
     store_flag = f" --store {store_option}" if store_option else ""
-    click.echo(f"backend: local ({why})")
+    click.echo(f"backend: local ({reason})")
     click.echo(f"created sweep {sweep_id} ({_describe_sweep(name, sweep_config)}) in project {project}")
     click.echo(f"store: {paths.resolve_store_path(store_option)}")
     click.echo(f"run an agent in each terminal: collective agent {sweep_id}{store_flag}")
 
 
-def _create_wandb(sweep_config, name, project, entity, why, quiet) -> None:
+def _create_wandb(sweep_config, name, project, entity, reason, quiet) -> None:
     from ..sweeps import wandb_backend
 
     sweep_id, prior = wandb_backend.create_sweep(sweep_config, project, entity)
@@ -118,12 +118,12 @@ def _create_wandb(sweep_config, name, project, entity, why, quiet) -> None:
     if quiet:
         click.echo(path)
         return
-    click.echo(f"backend: wandb ({why})")
+    click.echo(f"backend: wandb ({reason})")
     click.echo(f"created W&B sweep {path} ({_describe_sweep(name, sweep_config)})")
     skipped = sum(prior.skipped.values())
     click.echo(f"prior runs attached: {len(prior.run_ids)} of {len(prior.run_ids) + skipped} runs in the project")
-    for reason, count in prior.skipped.most_common():
-        click.echo(f"  not attached: {count} run(s), {reason} (e.g. {prior.examples[reason]})")
+    for skip_reason, count in prior.skipped.most_common():
+        click.echo(f"  not attached: {count} run(s), {skip_reason} (e.g. {prior.examples[skip_reason]})")
     click.echo(f"run an agent in each terminal: wandb agent {path}   (or: collective agent {path})")
 
 
@@ -299,9 +299,9 @@ def agent_command(sweep_id, count, max_failures, store_option, runs_dir, backend
             _fail(error)
 
     if local_sweep is None:
-        chosen, why = wandb_backend.choose_backend(backend)
+        chosen, reason = wandb_backend.choose_backend(backend)
         if "/" in sweep_id or chosen == "wandb":
-            click.echo(f"sweep {sweep_id} is not in the local store; handing over to wandb agent ({why})", err=True)
+            click.echo(f"sweep {sweep_id} is not in the local store; handing over to wandb agent ({reason})", err=True)
             try:
                 wandb_backend.run_agent(sweep_id, project, entity, count, max_failures)
             except CollectiveError as error:

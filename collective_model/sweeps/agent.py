@@ -54,7 +54,7 @@ class AgentOptions:
 
 @dataclass
 class RunOutcome:
-    """How one trial ended, as recorded in the store."""
+    """The end of one trial, as recorded in the store."""
 
     run_id: str
     state: str
@@ -69,7 +69,7 @@ class RunOutcome:
 
 @dataclass
 class AgentReport:
-    """What an agent did: its runs in order and why it stopped."""
+    """An agent's runs in order and the reason it stopped."""
 
     outcomes: list[RunOutcome] = field(default_factory=list)
     stop_reason: str = ""

@@ -2,9 +2,9 @@
 
 Cross-sweep learning: a bayes sweep in project P is given every run of P, from any sweep or
 standalone, that fits the sweep's parameter space. Finished runs that carry the sweep's metric
-train the Gaussian process, running runs are passed as running so that concurrent agents spread
-out, and the sweep's own failed and crashed runs are passed as failed, which the engine imputes
-as the worst metric seen (``impute: worst``, W&B's default).
+train the Gaussian process. Running runs are passed as running, so concurrent agents spread out.
+The sweep's own failed and crashed runs are passed as failed, and the engine imputes them as the
+worst metric of the finished runs (``impute: worst``, W&B's default).
 
 The engine's run config is ``{key: {"value": v}}``; the store and the params file hold plain
 ``{key: v}``. Values keep their types both ways: lists stay lists, booleans stay booleans, and
@@ -134,7 +134,7 @@ def _same_value(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class Misfit:
-    """Why a run's config does not fit a sweep's parameter space."""
+    """The first parameter of a sweep's space that a run's config does not fit."""
 
     parameter: str
     missing: bool  # True: the config lacks the parameter; False: its value is outside the space

@@ -50,8 +50,8 @@ class SweepSpecError(CollectiveError):
 def shipped_sweeps_dir() -> Path:
     """Return the repository's sweeps/ folder, beside the collective_model package.
 
-    NOTE: only a source checkout or an editable install has this folder; a wheel does not
-    ship it, so there the file path must be given.
+    NOTE: only a source checkout or an editable install has this folder. A wheel does not
+    ship it, so a wheel install needs the file's path.
     """
     return Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -149,9 +149,9 @@ def validate_sweep_config(config: Mapping[str, Any], backend: str) -> list[str]:
     if backend == "local":
         if method == "custom":
             problems.append("method custom needs a W&B scheduler; use bayes, random or grid, or --backend wandb")
-        for section, why in _WANDB_ONLY_SECTIONS.items():
+        for section, reason in _WANDB_ONLY_SECTIONS.items():
             if section in config:
-                problems.append(f"{section}: not supported by the local backend ({why}); remove it or use --backend wandb")
+                problems.append(f"{section}: not supported by the local backend ({reason}); remove it or use --backend wandb")
     return problems
 
 

@@ -52,7 +52,7 @@ def credentials_source(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def choose_backend(requested: str, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """Return (backend, why) for --backend auto|wandb|local.
+    """Return (backend, reason) for --backend auto|wandb|local.
 
     auto picks wandb when credentials exist and WANDB_MODE is not offline (or disabled), else local.
     """

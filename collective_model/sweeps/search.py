@@ -279,6 +279,8 @@ def suggest(sweep: Mapping[str, Any], project_runs: list[Mapping[str, Any]]) -> 
     A suggestion that repeats a config the sweep already ran or is running is drawn again, up
     to MAX_DUPLICATE_DRAWS times, so concurrent agents do not train the same config.
     """
+    from sklearn.exceptions import ConvergenceWarning
+
     engine = load_engine()
     config = sweep["config"]
     _raise_when_complete(sweep, project_runs)
@@ -289,7 +291,11 @@ def suggest(sweep: Mapping[str, Any], project_runs: list[Mapping[str, Any]]) -> 
     engine_config = engine_sweep_config(config)
 
     for _ in range(MAX_DUPLICATE_DRAWS):
-        suggestion = engine.next_run(engine_config, selection.engine_runs)
+        with warnings.catch_warnings():
+            # scikit-learn warns when a GP length scale reaches its bound, which is common with
+            # few runs; sweeps silences it with a filter that the import above did not keep.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            suggestion = engine.next_run(engine_config, selection.engine_runs)
         if suggestion is None:
             raise SweepComplete(f"sweep {sweep['sweep_id']}: the grid is exhausted")
         values = plain_config(suggestion.config)

@@ -433,3 +433,25 @@ def test_four_agents_twenty_distinct_runs(setup):
     # Later runs learnt from earlier ones, including those of the other agents.
     assert max(r["informed_by_own"] for r in runs) >= 10
     print(f"4 agents x 5 runs: {time.monotonic() - started:.1f} s")
+
+
+def test_interrupt_during_claim_starts_nothing(setup, monkeypatch):
+    """Ctrl-C while a run is being claimed closes that run as killed without starting it."""
+    with Store(setup.store_path) as store:
+        options = AgentOptions(store_path=setup.store_path, runs_dir=setup.runs_dir, count=3)
+        local_agent = LocalAgent(store, setup.sweep_id, options)
+        claim_run = store.claim_run
+
+        def claim_then_interrupt(*args, **kwargs):
+            run = claim_run(*args, **kwargs)
+            local_agent.interrupts.presses = 1
+            return run
+
+        monkeypatch.setattr(store, "claim_run", claim_then_interrupt)
+        report = local_agent.run()
+        runs = store.list_runs(sweep_id=setup.sweep_id)
+    assert report.interrupted
+    assert len(runs) == 1
+    assert runs[0]["state"] == "killed"
+    assert runs[0]["reason"] == "interrupted before the run started"
+    assert not (setup.runs_dir / runs[0]["run_id"]).exists()

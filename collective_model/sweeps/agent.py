@@ -375,7 +375,7 @@ class LocalAgent:
             self.on_end(outcome)
 
             failures = report.consecutive_failures()
-            if self.interrupts.child_interrupted:
+            if self.interrupts.stop_requested:
                 report.interrupted = True
                 report.stop_reason = "interrupted; no new run started"
                 return
@@ -392,6 +392,12 @@ class LocalAgent:
         run_dir = Path(run["run_dir"])
         sweep = self.store.get_sweep(self.sweep_id)
         sweep_config = sweep["config"]
+
+        if self.interrupts.stop_requested:
+            # Ctrl-C arrived while the run was being claimed: close it without starting it.
+            reason = "interrupted before the run started"
+            self.store.finish_run(run_id, "killed", None, reason, {}, None, 0.0)
+            return RunOutcome(run_id, "killed", None, reason, 0.0, str(log_path), None, run["config"], {})
 
         write_params_file(params_path, run["config"])
         self.store.set_run_paths(run_id, str(log_path), str(params_path))

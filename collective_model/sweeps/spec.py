@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,13 +48,10 @@ class SweepSpecError(CollectiveError):
         super().__init__(f"invalid sweep config {source}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
-def shipped_sweeps_dir() -> Path:
-    """Return the repository's sweeps/ folder, beside the collective_model package.
-
-    NOTE: only a source checkout or an editable install has this folder. A wheel does not
-    ship it, so a wheel install needs the file's path.
-    """
-    return Path(__file__).resolve().parents[2] / "sweeps"
+def shipped_sweeps_dirs() -> list[Path]:
+    """Return the folders of the shipped sweep files: the checkout's sweeps/, then the copy
+    that a non-editable install puts in <environment>/share/collective/sweeps."""
+    return [Path(__file__).resolve().parents[2] / "sweeps", Path(sys.prefix) / "share" / "collective" / "sweeps"]
 
 
 def find_sweep_file(name_or_path: str) -> Path:
@@ -65,7 +63,7 @@ def find_sweep_file(name_or_path: str) -> Path:
             return candidate.absolute()
         raise SweepSpecError(name_or_path, [f"sweep file not found: {candidate.absolute()}"])
 
-    searched = [Path.cwd() / "sweeps" / f"{name_or_path}.yaml", shipped_sweeps_dir() / f"{name_or_path}.yaml"]
+    searched = [Path.cwd() / "sweeps" / f"{name_or_path}.yaml", *(d / f"{name_or_path}.yaml" for d in shipped_sweeps_dirs())]
     for path in searched:
         if path.is_file():
             return path

@@ -119,3 +119,36 @@ def test_invalid_combinations_stop_agent(workdir):
         assert run["duration_s"] < 10
         assert f"run {run['run_id']}: failed, exit code 2" in agent.stderr
         assert run["log_path"] in agent.stderr
+
+
+def test_diverging_run_recorded_failed(workdir):
+    """A real run whose loss overflows: failed, reason non-finite loss, and the agent goes on."""
+    sweep_file = {
+        "method": "random",
+        "metric": {"name": "final/param_efficiency", "goal": "maximize"},
+        "command": ["${env}", "collective", "train"],
+        "parameters": {
+            # SGD with learning_rate 10 and weight_decay 1 multiplies each weight by about -9 per
+            # step, so the loss overflows within a few dozen steps.
+            "learning_rate": {"values": [10.0]},
+            "optimizer": {"value": "sgd"},
+            "weight_decay": {"value": 1.0},
+            "batch_size": {"value": 16},
+            "expert_hidden": {"value": [32, 16]},
+            **{name: {"value": value} for name, value in TINY.items()},
+        },
+    }
+    (workdir / "diverging.yaml").write_text(yaml.safe_dump(sweep_file))
+    created = collective(workdir, "sweep", "create", "diverging.yaml", "-q")
+    assert created.returncode == 0, created.stderr
+    sweep_id = created.stdout.strip()
+
+    agent = collective(workdir, "agent", sweep_id, "--count", "2", "--max-failures", "5")
+    assert agent.returncode == 0, agent.stdout + agent.stderr
+    runs = store_runs(workdir, sweep_id=sweep_id)
+    assert len(runs) == 2
+    for run in runs:
+        assert run["state"] == "failed"
+        assert run["exit_code"] == 3
+        assert run["reason"].startswith("non-finite loss at epoch 1, step")
+        assert "final/param_efficiency" not in run["summary"]

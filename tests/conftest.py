@@ -54,3 +54,23 @@ def workdir(tmp_path: Path) -> Path:
 @pytest.fixture
 def cli_env(workdir: Path) -> dict[str, str]:
     return isolated_env(workdir / "home")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A working directory (the current one) with no W&B credentials and no collective variables."""
+    for name in list(os.environ):
+        if name.startswith(("WANDB_", "COLLECTIVE_")) or name == "NETRC":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def invoke(*args: str):
+    """Run the CLI in this process with click's test runner."""
+    from click.testing import CliRunner
+
+    from collective_model.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from collective_model.cli import main
 from collective_model.sweeps.store import Claim, Store
+from conftest import invoke
 
 INVALID_SWEEP = """
 method: bayes
@@ -24,19 +23,6 @@ parameters:
 """
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """A working directory with no W&B credentials and no collective variables."""
-    for name in list(os.environ):
-        if name.startswith(("WANDB_", "COLLECTIVE_")) or name == "NETRC":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def store_sweeps(path: Path) -> list[dict]:

@@ -7,27 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import wandb
-from click.testing import CliRunner
 
-from collective_model.cli import main
 from collective_model.sweeps import wandb_backend
 from collective_model.sweeps.store import Store
+from conftest import invoke
 
 FAKE_KEY = "k" * 40
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    for name in list(os.environ):
-        if name.startswith(("WANDB_", "COLLECTIVE_")) or name == "NETRC":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def api_run(run_id: str, state: str = "finished", **overrides) -> SimpleNamespace:

@@ -339,7 +339,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     Pixels that come from outside the image are 0 (black, the background of these datasets).
     """
-    theta = affine_matrices(*random_affine_params(images.shape[0], generator)).to(images.device, images.dtype)
+    theta = affine_matrices(*random_affine_params(images.shape[0], generator))
+    if images.device.type == "cuda":
+        # A blocking copy (the default) waits until the GPU has finished all queued work, which
+        # would stall the host at every batch. From pinned memory the copy is queued instead.
+        theta = theta.pin_memory()
+    theta = theta.to(images.device, images.dtype, non_blocking=True)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -252,7 +252,9 @@ def drop_members(outputs: torch.Tensor, rate: float, generator: torch.Generator 
     if not keep.any():
         keep[torch.randint(count, (1,), generator=generator, device="cpu")] = True
     scale = keep.to(outputs.dtype) * (count / keep.sum().item())
-    return outputs * scale.to(outputs.device).view(count, 1, 1)
+    if outputs.device.type == "cuda":
+        scale = scale.pin_memory()  # queued copy; a blocking one would wait for all queued GPU work
+    return outputs * scale.to(outputs.device, non_blocking=True).view(count, 1, 1)
 
 
 def _concat_members(outputs: torch.Tensor) -> torch.Tensor:

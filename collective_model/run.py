@@ -29,6 +29,9 @@ FINAL_KEYS = (
     "final/val_accuracy", "best_val_accuracy", "best_epoch", "model_params",
 )
 
+# Keys that change which examples are loaded and how they are split.
+DATA_KEYS = ("dataset", "val_split", "train_subset", "seed")
+
 
 @dataclass
 class RunOptions:
@@ -158,7 +161,10 @@ def execute_run(config: Mapping[str, Any], options: RunOptions) -> dict[str, Any
     if effective is not None:
         effective = config_lib.validate({**config, **{k: v for k, v in effective.items() if k in config_lib.KEYS}})
         if effective != dict(config):
-            log.info("W&B config differs from the resolved config; training with W&B's values")
+            changed = sorted(k for k in effective if effective[k] != config[k])
+            log.info("W&B config differs from the resolved config in %s; training with W&B's values", changed)
+            if any(k in DATA_KEYS for k in changed):
+                data = load_splits(effective, options.data_dir, device)
             config, derived = effective, config_lib.derive_dimensions(effective)
             (folder.path / "config.yaml").write_text(config_lib.to_yaml(config, derived), encoding="utf-8")
 
@@ -170,7 +176,7 @@ def execute_run(config: Mapping[str, Any], options: RunOptions) -> dict[str, Any
         "exit_code": None, "started_at": clock.started_at, "ended_at": None, "duration_s": None,
         "train_seconds": None, "run_dir": str(folder.path), "checkpoint": str(folder.checkpoint_path),
         "device": str(device), "wandb_mode": mode, "wandb_run_path": wandb_run.path,
-        "data_source": data.source, "config": dict(config), "derived": derived, "model_params": params,
+        "data_source": data.source, "train_examples": len(data.train), "config": dict(config), "derived": derived, "model_params": params,
     }
     folder.write_summary(summary)
     _say(options, f"model_params {params:,}  train {len(data.train):,}  val {len(data.val):,}  test {len(data.test):,}  device {device}")

@@ -256,3 +256,32 @@ def test_help_does_not_import_torch_or_wandb(args):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_wandb_config_wins_after_init(tmp_path, monkeypatch, fashion_mnist_dir):
+    """When W&B's config after init differs (as a server-side sweep may make it), training uses it."""
+    from collective_model import config as C
+    from collective_model.run import RunOptions, execute_run
+    from collective_model.tracking import WandbRun
+
+    for name in ("WANDB_API_KEY", "WANDB_SWEEP_PARAM_PATH", "WANDB_RUN_ID", "COLLECTIVE_SWEEP_ID", "WANDB_SWEEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    original = WandbRun.effective_config
+
+    def sweep_values(self):
+        values = original(self)
+        values.update(train_subset=300, expert_hidden=[24, 12])
+        return values
+
+    monkeypatch.setattr(WandbRun, "effective_config", sweep_values)
+    config = C.resolve(set_values={"train_subset": 500, "epochs": 1, "expert_hidden": [32, 16], "analyst_hidden": [16, 8]})
+    summary = execute_run(config, RunOptions(quiet=True, store_path=str(tmp_path / "store.db")))
+
+    assert summary["train_examples"] == 300
+    assert summary["config"]["expert_hidden"] == [24, 12]
+    saved = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())
+    assert saved["train_subset"] == 300
+    assert saved["expert_hidden"] == [24, 12]

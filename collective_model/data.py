@@ -334,6 +334,24 @@ def affine_matrices(angle: torch.Tensor, shift: torch.Tensor, factor: torch.Tens
     return theta
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Return ``F.affine_grid(theta, [N, C, height, width], align_corners=False)`` for theta [N, 2, 3].
+
+    The same grid up to float rounding, built from an x term and a y term instead of a batched
+    [H*W, 3] @ [3, 2] product. For 128 images of 28 x 28 on 2 CPU cores, ``F.affine_grid`` took
+    0.5 ms when the cores were idle and about 3 ms when other processes used them. This
+    function took 0.2 to 0.25 ms in both cases.
+    """
+    # Pixel centres in normalised coordinates, as with align_corners=False: (2i + 1) / size - 1.
+    xs = (torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1
+    ys = (torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1
+    # grid[n, i, j] = theta[n] @ (xs[j], ys[i], 1): an x term [N, 2, W] plus a y term [N, 2, H].
+    along_x = theta[:, :, 0, None] * xs
+    along_y = theta[:, :, 1, None] * ys + theta[:, :, 2, None]
+    grid = along_x[:, :, None, :] + along_y[:, :, :, None]  # [N, 2, H, W]
+    return grid.permute(0, 2, 3, 1)  # [N, H, W, 2], a view
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Randomly rotate (+-10 deg), translate (+-10 %) and scale (0.9-1.1) float images [N, C, H, W].
 
@@ -345,7 +363,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         # would stall the host at every batch. From pinned memory the copy is queued instead.
         theta = theta.pin_memory()
     theta = theta.to(images.device, images.dtype, non_blocking=True)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    grid = affine_grid(theta, images.shape[2], images.shape[3])
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

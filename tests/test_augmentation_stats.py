@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from collective_model.data import augment, random_affine_params
+from collective_model.data import affine_grid, affine_matrices, augment, random_affine_params
 
 COUNT = 2000
 SIZE = 96
@@ -144,10 +144,17 @@ def test_parameters_are_uncorrelated(recovered):
 
 def test_identity_parameters_leave_image_unchanged():
     # Zero rotation and shift at scale 1 sample every output pixel at its own centre.
-    from collective_model.data import affine_matrices
-
     theta = affine_matrices(torch.zeros(1), torch.zeros(1, 2), torch.ones(1))
     image = blob_image().float()[None, None]
-    grid = torch.nn.functional.affine_grid(theta, [1, 1, SIZE, SIZE], align_corners=False)
+    grid = affine_grid(theta, SIZE, SIZE)
     out = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     assert torch.allclose(out, image, atol=1e-5)
+
+
+@pytest.mark.parametrize("height, width", [(28, 28), (32, 24), (1, 5)])
+def test_affine_grid_matches_torch(height, width):
+    theta = affine_matrices(*random_affine_params(16, torch.Generator().manual_seed(3)))
+    expected = torch.nn.functional.affine_grid(theta, [16, 3, height, width], align_corners=False)
+    grid = affine_grid(theta, height, width)
+    assert grid.shape == expected.shape
+    assert torch.allclose(grid, expected, atol=1e-6)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 # On CUDA the loss is checked for NaN/inf every this many steps, so the GPU is not synchronised
 # with the host at every batch; on the CPU it is checked at every step.
 CUDA_FINITE_CHECK_INTERVAL = 50
+
+# When set to a file path, the trainer writes the Unix time (seconds) at which the first training
+# step starts into that file. The benchmark uses it to measure start-up time.
+FIRST_STEP_MARK_ENV = "COLLECTIVE_BENCH_MARK_FIRST_STEP"
 
 
 def per_100k(accuracy: float, params: int) -> float:
@@ -119,6 +124,12 @@ class Trainer:
         self.augment_generator = torch.Generator().manual_seed(seed + 2) if config["use_augmentation"] else None
         model.drop_generator = torch.Generator().manual_seed(seed + 3)
         self.autocast = self._autocast_context()
+        self._first_step_mark = os.environ.get(FIRST_STEP_MARK_ENV) or None
+
+    def _write_first_step_mark(self) -> None:
+        path, self._first_step_mark = self._first_step_mark, None
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"{time.time():.6f}\n")
 
     def _autocast_context(self) -> Callable[[], contextlib.AbstractContextManager]:
         if not self.config["use_mixed_precision"] or self.device.type != "cuda":
@@ -143,6 +154,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batches = iterate_batches(self.data.train, config["batch_size"], self.shuffle_generator)
         for step, (images, labels) in enumerate(batches, start=1):
+            if self._first_step_mark:
+                self._write_first_step_mark()
             inputs = self.normalizer(images, self.augment_generator)
             with self.autocast():
                 out = model.forward_with_losses(inputs)

@@ -289,10 +289,10 @@ def split_train_val(train: ArraySplit, val_fraction: float, seed: int, subset: i
     )
 
 
-def load_splits(config: dict, data_dir=None, device: torch.device | str = "cpu") -> DataSplits:
+def load_splits(config: dict, data_dir=None, device: torch.device | str = "cpu", download: bool = True) -> DataSplits:
     """Load the dataset of a config and return its train, validation and test splits on ``device``."""
     spec = SPECS[config["dataset"]]
-    splits, source = find_and_load(config["dataset"], data_dir)
+    splits, source = find_and_load(config["dataset"], data_dir, download=download)
     train, val = split_train_val(splits["train"], config["val_split"], config["seed"], config["train_subset"])
     return DataSplits(train.to(device), val.to(device), splits["test"].to(device), spec, source)
 

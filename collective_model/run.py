@@ -41,6 +41,7 @@ class RunOptions:
     runs_dir: str | None = None
     store_path: str | None = None
     quiet: bool = False
+    download: bool = True
 
 
 def new_run_id() -> str:
@@ -142,7 +143,7 @@ def execute_run(config: Mapping[str, Any], options: RunOptions) -> dict[str, Any
     device = resolve_device(config["device"])
     if config["use_mixed_precision"] and device.type != "cuda":
         _say(options, "Note: use_mixed_precision applies to CUDA only; training in float32 on the CPU.")
-    data = load_splits(dict(config), options.data_dir, device)
+    data = load_splits(dict(config), options.data_dir, device, options.download)
     mode, notice = choose_wandb_mode()
 
     # 2. Run folder and W&B run.
@@ -164,7 +165,7 @@ def execute_run(config: Mapping[str, Any], options: RunOptions) -> dict[str, Any
             changed = sorted(k for k in effective if effective[k] != config[k])
             log.info("W&B config differs from the resolved config in %s; training with W&B's values", changed)
             if any(k in DATA_KEYS for k in changed):
-                data = load_splits(effective, options.data_dir, device)
+                data = load_splits(effective, options.data_dir, device, options.download)
             config, derived = effective, config_lib.derive_dimensions(effective)
             (folder.path / "config.yaml").write_text(config_lib.to_yaml(config, derived), encoding="utf-8")
 

@@ -215,7 +215,9 @@ def test_missing_data_gives_one_message(workdir, fashion_mnist_dir):
     empty = workdir / "empty"
     empty.mkdir()
     env = isolated_env(workdir / "home", COLLECTIVE_DATA_DIR=str(empty))
-    result = run_collective(["train", "--set", "epochs=1"], workdir, env)
+    # --no-download keeps the test off the network; the download path itself is tested in
+    # test_data.py against a loopback server.
+    result = run_collective(["train", "--no-download", "--set", "epochs=1"], workdir, env)
     assert result.returncode == 1
     assert "dataset 'fashion_mnist' not found" in result.stderr
     assert "apt-get install dataset-fashion-mnist" in result.stderr

@@ -91,7 +91,7 @@ def _load_run_set(backend: str, project: str | None, entity: str | None, store_p
 
     chosen, reason = sources.resolve_backend(backend)
     if backend == "auto":
-        click.echo(f"Backend {chosen}: {reason}. Choose one with --backend.", err=True)
+        click.echo(f"Backend {chosen}: {reason} (--backend sets it).", err=True)
     project = paths.resolve_project(project)
     if chosen == "wandb":
         return sources.load_wandb(project, entity)

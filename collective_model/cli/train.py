@@ -36,12 +36,16 @@ class _KeysEpilogCommand(click.Command):
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Override one key; the value is parsed as YAML (repeatable).")
 @click.option("--project", help="W&B project and store project [default: $WANDB_PROJECT or collective-model].")
 @click.option("--entity", help="W&B entity (team or user) for online runs.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder searched first for the dataset files [env: COLLECTIVE_DATA_DIR].")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder with the dataset files; when set, the only folder searched [env: COLLECTIVE_DATA_DIR; "
+                   "default: the user cache, then system dataset folders].")
+@click.option("--download/--no-download", default=True, show_default=True,
+              help="Download with torchvision when no valid files are found (into --data-dir or the user cache).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), help="Folder for run folders [env: COLLECTIVE_RUNS_DIR; default: .collective/runs].")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), help="Local SQLite store [env: COLLECTIVE_STORE; default: .collective/store.db].")
 @click.option("--print-config", is_flag=True, help="Print the resolved config and derived dimensions, then exit without training.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final table.")
-def train_command(config_file, set_items, project, entity, data_dir, runs_dir, store_path, print_config, quiet) -> None:
+def train_command(config_file, set_items, project, entity, data_dir, download, runs_dir, store_path, print_config, quiet) -> None:
     """Train the Collective Model once and log every metric to W&B and the run folder.
 
     Precedence of config sources: defaults < --config < --set < the sweep's values when
@@ -62,7 +66,7 @@ def train_command(config_file, set_items, project, entity, data_dir, runs_dir, s
 
     options = RunOptions(
         project=project, entity=entity, data_dir=data_dir, runs_dir=runs_dir,
-        store_path=store_path, quiet=quiet,
+        store_path=store_path, quiet=quiet, download=download,
     )
     try:
         execute_run(config, options)

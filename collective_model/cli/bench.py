@@ -12,7 +12,7 @@ from ..errors import CollectiveError
 @click.command("bench")
 @click.option("--quick", is_flag=True,
               help="Measure 6,400 training samples per figure instead of full epochs, and peak memory on a "
-                   "6,400-sample run (about 2 minutes on 2 CPU cores instead of about 8).")
+                   "6,400-sample run: about 1 minute on 2 idle CPU cores instead of about 4, and noisier.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Device for both pipelines; on CUDA the product trains with autocast.")
 @click.option("--rounds", type=click.IntRange(1, 50), default=3, show_default=True,

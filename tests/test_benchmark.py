@@ -110,3 +110,14 @@ def test_table_lists_every_figure():
     assert "3.20 s" in table
     assert "900 MiB" in table
     assert "180.0 GFLOP/s" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_device_is_usage_error():
+    from click.testing import CliRunner
+
+    from collective_model.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "no CUDA device is available; use --device cpu or auto" in result.output

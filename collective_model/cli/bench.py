@@ -28,8 +28,12 @@ def bench_command(quick: bool, device: str, rounds: int, data_dir: str | None) -
     matmul rate. Then the start-up time and peak memory of `collective train` subprocesses.
     Prints a table and, as the last line, one JSON object with every figure.
     """
+    import torch
+
     from ..benchmark import BenchSettings, format_table, run_benchmark
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is available; use --device cpu or auto", param_hint="--device")
     settings = BenchSettings(
         quick=quick, device=device, rounds=rounds, data_dir=data_dir,
         progress=lambda message: click.echo(message, err=True),

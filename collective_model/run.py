@@ -204,9 +204,9 @@ def execute_run(config: Mapping[str, Any], options: RunOptions) -> dict[str, Any
         summary.update(state="failed", reason=f"non-finite loss at epoch {error.epoch}, step {error.step}")
         exit_code, failure = EXIT_DIVERGED, error
     except KeyboardInterrupt as error:
-        how = "SIGTERM" if isinstance(error, _Interrupted) else "SIGINT (Ctrl-C)"
-        summary.update(state="killed", reason=f"interrupted by {how}")
-        exit_code, failure = EXIT_INTERRUPTED, RunInterrupted(f"run {run_id} interrupted by {how}; recorded as killed")
+        signal_name = "SIGTERM" if isinstance(error, _Interrupted) else "SIGINT (Ctrl-C)"
+        summary.update(state="killed", reason=f"interrupted by {signal_name}")
+        exit_code, failure = EXIT_INTERRUPTED, RunInterrupted(f"run {run_id} interrupted by {signal_name}; recorded as killed")
     except Exception as error:  # noqa: BLE001 - recorded as crashed, then re-raised
         summary.update(state="crashed", reason=f"{type(error).__name__}: {error}")
         exit_code, failure = EXIT_FAILURE, error

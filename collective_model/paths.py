@@ -1,4 +1,4 @@
-"""Where things live: the project name, the local store, run folders and dataset folders.
+"""Locations of the project name, the local store, run folders and dataset folders.
 
 Each resolver takes the command-line value first, then an environment variable, then a default
 under the working directory's `.collective/`.
@@ -25,7 +25,7 @@ def resolve_store_path(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_runs_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """Return the folder that holds run folders: --runs-dir, $COLLECTIVE_RUNS_DIR, .collective/runs."""
+    """Return the folder that contains run folders: --runs-dir, $COLLECTIVE_RUNS_DIR, .collective/runs."""
     value = explicit or os.environ.get("COLLECTIVE_RUNS_DIR") or Path(STATE_DIR) / "runs"
     return Path(value).expanduser().absolute()
 

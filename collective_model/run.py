@@ -112,11 +112,8 @@ def _progress_factory(options: RunOptions, total: int, epochs: int):
 
 def _record_standalone(store_path, summary: Mapping[str, Any]) -> None:
     """Add a run started by hand to the local store so that sweeps of its project learn from it."""
-    try:
-        from .sweeps.store import record_standalone_run
-    except ImportError:
-        log.debug("no local store available; run %s not recorded", summary.get("run_id"))
-        return
+    from .sweeps.store import record_standalone_run
+
     try:
         record_standalone_run(resolve_store_path(store_path), dict(summary))
     except Exception as error:  # noqa: BLE001 - the run itself succeeded; the record is secondary

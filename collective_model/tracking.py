@@ -1,6 +1,6 @@
 """Tracking: the W&B run (online or offline) and the local run folder.
 
-The run folder holds ``config.yaml`` (inputs and derived dimensions), ``metrics.jsonl`` (one
+The run folder contains ``config.yaml`` (inputs and derived dimensions), ``metrics.jsonl`` (one
 JSON object per epoch: the dict logged to W&B), ``summary.json`` (final metrics, state,
 timing, W&B ids) and ``checkpoint.pt``. W&B's own files go to ``<run folder>/wandb/``.
 """
@@ -41,7 +41,7 @@ def wandb_credentials_exist() -> bool:
 
 
 def choose_wandb_mode() -> tuple[str, str | None]:
-    """Return (mode, notice): online with credentials unless WANDB_MODE says otherwise.
+    """Return (mode, notice): online with credentials unless WANDB_MODE sets another mode.
 
     The notice is a one-line message for the user, or None when nothing needs saying.
     """

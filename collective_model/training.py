@@ -20,8 +20,8 @@ from .models import CollectiveModel
 
 log = logging.getLogger(__name__)
 
-# On CUDA the loss is checked for NaN/inf every this many steps, so the GPU is not synchronised
-# with the host at every batch; on the CPU it is checked at every step.
+# On CUDA the loss is checked for NaN/inf every this many steps, so that the host does not wait
+# for the GPU at every batch. On the CPU it is checked at every step.
 CUDA_FINITE_CHECK_INTERVAL = 50
 
 # When set to a file path, the trainer writes the Unix time (seconds) at which the first training
@@ -123,7 +123,9 @@ class Trainer:
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
         self.augment_generator = torch.Generator().manual_seed(seed + 2) if config["use_augmentation"] else None
         model.drop_generator = torch.Generator().manual_seed(seed + 3)
-        self.autocast = self._autocast_context()
+        self.autocast_dtype = self._autocast_dtype()
+        # fp16 needs loss scaling against gradient underflow; bf16 has float32's range and does not.
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self._first_step_mark = os.environ.get(FIRST_STEP_MARK_ENV) or None
 
     def _write_first_step_mark(self) -> None:
@@ -131,11 +133,16 @@ class Trainer:
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(f"{time.time():.6f}\n")
 
-    def _autocast_context(self) -> Callable[[], contextlib.AbstractContextManager]:
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """Return the autocast dtype (bf16 where supported, else fp16), or None without autocast."""
         if not self.config["use_mixed_precision"] or self.device.type != "cuda":
-            return contextlib.nullcontext
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return lambda: torch.autocast("cuda", dtype=dtype)
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
 
     # ----------------------------------------------------------------------------------------
 
@@ -146,7 +153,7 @@ class Trainer:
         accumulation = config["gradient_accumulation_steps"]
         lam = config["diversity_lambda"]
         check_every = 1 if self.device.type != "cuda" else CUDA_FINITE_CHECK_INTERVAL
-        scaler = torch.amp.GradScaler("cuda") if self.autocast is not contextlib.nullcontext and torch.get_autocast_dtype("cuda") == torch.float16 else None
+        scaler = self.scaler
 
         # Running sums stay on the device so that the loop does not wait for the GPU.
         sums = torch.zeros(5, device=self.device)  # total, prediction, div_expert, div_analyst, correct

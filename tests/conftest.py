@@ -11,7 +11,7 @@ import pytest
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-# A small model that trains in seconds on 2 CPU cores; tests that need the reference size say so.
+# A small model that trains in seconds on 2 CPU cores; tests that need the reference size state it.
 SMALL_MODEL = [
     "--set", "expert_hidden=[64,32]", "--set", "expert_output=32",
     "--set", "analyst_hidden=[64,32]", "--set", "analyst_output=16",

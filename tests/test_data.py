@@ -167,7 +167,8 @@ def test_split_is_seeded_and_disjoint():
     train_a, val_a = D.split_train_val(split, 0.1, seed=3, subset=0)
     train_b, val_b = D.split_train_val(split, 0.1, seed=3, subset=0)
     assert torch.equal(val_a.labels, val_b.labels)
-    assert len(val_a) == 10 and len(train_a) == 90
+    assert len(val_a) == 10
+    assert len(train_a) == 90
     assert set(val_a.labels.tolist()).isdisjoint(train_a.labels.tolist())
     _, val_c = D.split_train_val(split, 0.1, seed=4, subset=0)
     assert not torch.equal(val_a.labels, val_c.labels)

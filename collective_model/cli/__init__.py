@@ -25,7 +25,8 @@ def main(verbose: int) -> None:
     `collective sweep create efficiency`, then one `collective agent ID` per terminal;
     `collective results` for the Pareto frontier.
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    levels = {0: logging.WARNING, 1: logging.INFO}
+    level = levels.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
